@@ -1,0 +1,202 @@
+"""Configuration: one frozen :class:`Config`, loaded once with a fixed precedence.
+
+Precedence, highest first: command-line flags > ``BUSD_<KEY>`` environment
+variables > the config file > built-in defaults. The config file is the one
+named by ``--config``, else ``BUSD_CONFIG``, else ``<root>/busd.toml`` when it
+exists. The bus root is ``--root``, else ``BUSD_ROOT``, else the nearest
+``.busd/`` in the current directory or its parents, else ``./.busd``.
+
+Any unknown key or bad value raises :class:`ConfigError` naming the key and
+where it came from, so a typo stops start-up instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+from .layout import Layout
+
+__all__ = ["ENV_PREFIX", "Config", "ConfigLoader", "find_root", "load_config"]
+
+ENV_PREFIX = "BUSD_"
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+_PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+_Uid = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of a bus and its daemon. See docs/configuration.md."""
+
+    root: str
+    config_file: str | None = None
+    # messages
+    max_message_bytes: _PositiveInt = 1 << 20
+    default_recipient: str = "orchestrator"
+    unknown_recipient: Literal["create", "dlq"] = "create"
+    fsync: bool = True
+    # consumers
+    lease_seconds: _Positive = 60.0
+    max_deliveries: _PositiveInt = 5
+    max_in_flight: _PositiveInt = 100
+    dedupe_window_seconds: _Positive = 7 * 86400.0
+    # retention
+    journal_segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
+    journal_max_age_seconds: _Positive | None = 14 * 86400.0
+    journal_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] | None = 1 << 30
+    dlq_max_age_seconds: _Positive | None = None
+    # daemon
+    shutdown_timeout_seconds: _Positive = 10.0
+    rescan_interval_seconds: _Positive = 5.0
+    watch_debounce_ms: Annotated[int, msgspec.Meta(ge=0)] = 1
+    force_polling: bool = False
+    subscriptions: dict[str, list[str]] = {}
+    # socket
+    socket_path: str | None = None
+    allowed_uids: list[_Uid] = []
+    allowed_gids: list[_Uid] = []
+    max_connections: _PositiveInt = 1024
+    # logs
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def layout(self) -> Layout:
+        """The layout of :attr:`root`."""
+        return Layout(Path(self.root))
+
+
+_KEYS = frozenset(f for f in Config.__struct_fields__)
+_ENV_RESERVED = frozenset({"ROOT", "CONFIG"})
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest ``.busd`` directory in ``start`` or its parents, else ``start/.busd``."""
+    here = (start or Path.cwd()).absolute()
+    for d in (here, *here.parents):
+        candidate = d / ".busd"
+        if candidate.is_dir():
+            return candidate
+    return here / ".busd"
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    values: dict[str, tuple[Any, str]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        suffix = name[len(ENV_PREFIX) :]
+        if suffix in _ENV_RESERVED:
+            continue
+        key = suffix.lower()
+        if key not in _KEYS or key in ("root", "config_file"):
+            raise ConfigError(f"unknown environment variable {name}", key=name)
+        value: Any = raw
+        if raw[:1] in ("[", "{"):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}: not valid JSON: {exc}", key=name) from exc
+        elif raw == "" or raw.lower() == "none":
+            value = None
+        values[key] = (value, f"environment variable {name}")
+    return values
+
+
+def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist", key="config_file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}", key="config_file") from exc
+    # [busd] is optional: a file may hold the keys at top level or in that table.
+    table = data.get("busd", data) if isinstance(data.get("busd"), dict) else data
+    out: dict[str, tuple[Any, str]] = {}
+    for key, value in table.items():
+        if key not in _KEYS or key == "config_file":
+            raise ConfigError(f"config file {path}: unknown key {key!r}", key=key)
+        out[key] = (value, f"config file {path}")
+    return out
+
+
+@dataclass(frozen=True)
+class ConfigLoader:
+    """What the command line said; :meth:`load` turns it into a :class:`Config`.
+
+    Kept by the daemon so SIGHUP can re-read the file and environment with the
+    same flags.
+    """
+
+    root: str | None = None
+    config_file: str | None = None
+    flags: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+
+    def load(self) -> Config:
+        """Merge flags > env > file > defaults; raise :class:`ConfigError` on any bad input."""
+        env = os.environ if self.env is None else self.env
+        for key in self.flags:
+            if key not in _KEYS:
+                raise ConfigError(f"unknown option {key!r}", key=key)
+        cfg_path = self.config_file or env.get("BUSD_CONFIG") or None
+        root = self.root or env.get("BUSD_ROOT") or None
+        file_values: dict[str, tuple[Any, str]] = {}
+        if cfg_path is not None:
+            file_values = _file_values(Path(cfg_path))
+            if root is None and "root" in file_values:
+                base = Path(cfg_path).absolute().parent
+                root = str(base / str(file_values["root"][0]))
+        file_values.pop("root", None)
+        if root is None:
+            root = str(find_root(self.cwd))
+        root_path = Path(root)
+        if not root_path.is_absolute():
+            root_path = (self.cwd or Path.cwd()) / root_path
+        if cfg_path is None and (root_path / "busd.toml").is_file():
+            cfg_path = str(root_path / "busd.toml")
+            file_values = _file_values(Path(cfg_path))
+            file_values.pop("root", None)
+        merged: dict[str, tuple[Any, str]] = {**file_values, **_env_values(env)}
+        merged.update({k: (v, f"option --{k.replace('_', '-')}") for k, v in self.flags.items()})
+        raw: dict[str, Any] = {k: v for k, (v, _) in merged.items()}
+        raw["root"] = str(root_path)
+        raw["config_file"] = str(Path(cfg_path).absolute()) if cfg_path else None
+        try:
+            return msgspec.convert(raw, Config, strict=False)
+        except msgspec.ValidationError as exc:
+            key = _key_of(str(exc))
+            source = merged[key][1] if key in merged else "configuration"
+            raise ConfigError(f"{key or 'config'} (from {source}): {exc}", key=key) from exc
+
+
+def _key_of(message: str) -> str:
+    marker = "at `$."
+    i = message.find(marker)
+    if i < 0:
+        return ""
+    rest = message[i + len(marker) :]
+    end = min((j for j in (rest.find("`"), rest.find("["), rest.find(".")) if j >= 0), default=-1)
+    return rest[:end] if end > 0 else rest
+
+
+def load_config(
+    *,
+    root: str | None = None,
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    **flags: Any,
+) -> Config:
+    """Shortcut for ``ConfigLoader(...).load()``; ``flags`` are keys set on the command line."""
+    return ConfigLoader(root, config_file, flags, env, cwd).load()
