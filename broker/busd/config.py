@@ -55,8 +55,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     dlq_max_age_seconds: _Positive | None = None
     # daemon
     shutdown_timeout_seconds: _Positive = 10.0
-    rescan_interval_seconds: _Positive = 5.0
-    watch_debounce_ms: Annotated[int, msgspec.Meta(ge=0)] = 1
+    rescan_interval_seconds: _Positive = 2.0
+    watch_step_ms: Annotated[int, msgspec.Meta(ge=1)] = 1
+    watch_debounce_ms: Annotated[int, msgspec.Meta(ge=1)] = 50
     force_polling: bool = False
     subscriptions: dict[str, list[str]] = {}
     # socket

@@ -180,9 +180,7 @@ def read_limited(path: Path, max_bytes: int) -> bytes:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EMLINK) or (
-            _IS_WINDOWS and os.path.islink(path)
-        ):
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or (_IS_WINDOWS and os.path.islink(path)):
             raise InvalidMessage(
                 Reason.NOT_A_REGULAR_FILE, f"{path.name} is a symbolic link; not followed"
             ) from exc

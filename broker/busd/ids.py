@@ -61,9 +61,7 @@ class IdGenerator:
     current pid (refreshed after ``fork``) are used.
     """
 
-    def __init__(
-        self, *, clock: Callable[[], int] = time.time_ns, pid: int | None = None
-    ) -> None:
+    def __init__(self, *, clock: Callable[[], int] = time.time_ns, pid: int | None = None) -> None:
         self._clock = clock
         self._fixed_pid = pid
         self._pid = pid_field(os.getpid() if pid is None else pid)
