@@ -1,0 +1,252 @@
+"""``busd run``: one long-running process that owns a bus and routes it.
+
+Start-up, in order: take the bus lock (refusing if another daemon holds it),
+install signal receivers, start the watcher, recover (repair the journal
+tail, rebuild the dedupe index, return expired claims, route every file that
+waited while no daemon ran), then report ready (log line + ``READY=1``).
+
+Shutdown on SIGTERM/SIGINT, in order: stop watching, let the batch in flight
+finish its journal append and fsync (worker threads are never abandoned),
+stop the timers, release the lock. A second SIGINT, or the shutdown timeout
+running out, calls ``on_force_exit`` (the CLI exits the process). SIGHUP
+re-reads the config file and environment.
+
+Group commit falls out of the structure: while one batch is in its worker
+thread, new hints pile up, and the next pass takes all of them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+
+from .buslock import BusLock
+from .config import Config, ConfigLoader
+from .consumer import return_expired
+from .errors import AlreadyRunning, ConfigError
+from .router import Router, RouteReport
+from .sdnotify import Notifier, watchdog_interval
+from .watcher import watch
+
+__all__ = ["Daemon"]
+
+_log = structlog.get_logger("busd.daemon")
+_CLI_LOCK_WAIT_S = 5.0
+
+
+class Daemon:
+    """The broker process. Construct with a loader, then ``await run()``."""
+
+    def __init__(
+        self, loader: ConfigLoader, *, on_force_exit: Callable[[], None] | None = None
+    ) -> None:
+        self.loader = loader
+        self.config: Config = loader.load()
+        self.on_force_exit = on_force_exit or (lambda: os._exit(1))
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.totals = RouteReport()
+        self._router: Router | None = None
+        self._lane = anyio.Lock()  # serialises every worker-thread use of the router
+        self._dirty: set[Path] = set()
+        self._full_scan = False
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self._watch_stop = anyio.Event()
+        self._reload = anyio.Event()
+        self._stop_signals = 0
+        self._force_timer: threading.Timer | None = None
+
+    @property
+    def router(self) -> Router:
+        """The router; only valid while :meth:`run` is running."""
+        assert self._router is not None, "daemon not started"
+        return self._router
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until a stop signal; raise :class:`AlreadyRunning` if the bus is taken."""
+        lock = BusLock(self.config.layout, role="daemon")
+        await anyio.to_thread.run_sync(self._acquire, lock)
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._signals)
+                tg.start_soon(watch, self.config, self._on_hints, self._watch_stop)
+                self._router = await anyio.to_thread.run_sync(Router, self.config)
+                report = await anyio.to_thread.run_sync(self._recover)
+                tg.start_soon(self._route_loop)
+                tg.start_soon(self._timer, self._lease_pass, self._lease_period)
+                tg.start_soon(self._timer, self._request_full_scan, self._rescan_period)
+                tg.start_soon(self._reload_loop)
+                if (interval := watchdog_interval()) is not None:
+                    tg.start_soon(self._timer, self._watchdog, lambda: interval)
+                _log.info(
+                    "daemon_ready",
+                    root=self.config.root,
+                    pid=os.getpid(),
+                    recovered=report.accepted,
+                    dead_lettered=report.dead_lettered,
+                )
+                self.notifier.send("READY=1", f"STATUS=ready; recovered {report.accepted}")
+                await self._stop.wait()
+                _log.info("daemon_stopping")
+                self.notifier.send("STOPPING=1")
+                self._arm_force_timer()
+                self._watch_stop.set()
+                # Cancelling waits for a worker thread in flight: the batch
+                # being routed finishes its journal fsync and deliveries.
+                tg.cancel_scope.cancel()
+        finally:
+            if self._router is not None:
+                self._router.close()
+            lock.release()
+            if self._force_timer is not None:
+                self._force_timer.cancel()
+        _log.info("daemon_stopped", accepted=self.totals.accepted)
+
+    def _acquire(self, lock: BusLock) -> None:
+        if lock.acquire(timeout=0):
+            return
+        holder = lock.holder() or {}
+        # A daemon-less CLI holds the lock only for one routing pass: wait it out.
+        if holder.get("role") == "cli" and lock.acquire(timeout=_CLI_LOCK_WAIT_S):
+            return
+        pid = holder.get("pid")
+        raise AlreadyRunning(
+            f"busd is already running on {self.config.root} (pid {pid})",
+            pid=pid if isinstance(pid, int) else None,
+        )
+
+    def _arm_force_timer(self) -> None:
+        timer = threading.Timer(self.config.shutdown_timeout_seconds, self._force)
+        timer.daemon = True
+        timer.start()
+        self._force_timer = timer
+
+    def _force(self) -> None:
+        _log.error("daemon_forced_exit", timeout_s=self.config.shutdown_timeout_seconds)
+        self.on_force_exit()
+
+    async def _signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Receivers only record the request; the main task acts on it.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self._reload.set()
+                    continue
+                self._stop_signals += 1
+                if self._stop_signals > 1 and signum == signal.SIGINT:
+                    self._force()
+                self._stop.set()
+
+    # -- work ---------------------------------------------------------------
+
+    def _recover(self) -> RouteReport:
+        """Start-up recovery; runs in a worker thread before the daemon is ready."""
+        removed = self.router.journal.repair()
+        if removed:
+            _log.warning("journal_tail_repaired", bytes_removed=removed)
+        expired = return_expired(self.config)
+        _log.info(
+            "claims_recovered",
+            returned=len(expired.returned),
+            dead_lettered=len(expired.dead_lettered),
+        )
+        report = self.router.route_all()
+        self.totals.add(report)
+        return report
+
+    def _on_hints(self, hints: set[Path]) -> None:
+        self._dirty |= hints
+        self._wake.set()
+
+    def _request_full_scan(self) -> None:
+        self._full_scan = True
+        self._wake.set()
+
+    async def _route_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            dirs, full = self._dirty, self._full_scan
+            self._dirty, self._full_scan = set(), False
+            async with self._lane:
+                report = await anyio.to_thread.run_sync(self._route_pass, dirs, full)
+            self.totals.add(report)
+
+    def _route_pass(self, dirs: set[Path], full: bool) -> RouteReport:
+        router = self.router
+        router.dedupe.expire()
+        paths = router.scan() if full else router.scan_dirs(dirs)
+        report = RouteReport()
+        for i in range(0, len(paths), 512):
+            report.add(router.route(paths[i : i + 512]))
+        return report
+
+    async def _lease_pass(self) -> None:
+        async with self._lane:
+            expired = await anyio.to_thread.run_sync(return_expired, self.config)
+        for name in expired.returned:
+            _log.info("message_redelivered", name=name)
+        for name in expired.dead_lettered:
+            _log.warning("message_dead_lettered", name=name, reason="delivery_limit")
+
+    def _lease_period(self) -> float:
+        return min(1.0, self.config.lease_seconds / 4)
+
+    def _rescan_period(self) -> float:
+        return self.config.rescan_interval_seconds
+
+    async def _watchdog(self) -> None:
+        t = self.totals
+        self.notifier.send(
+            "WATCHDOG=1",
+            f"STATUS=ready; accepted {t.accepted}, delivered {t.delivered}, "
+            f"duplicates {t.duplicates}, dead-lettered {t.dead_lettered}",
+        )
+
+    async def _timer(self, action: Callable[[], Any], period: Callable[[], float]) -> None:
+        while True:
+            await anyio.sleep(period())
+            result = action()
+            if result is not None:
+                await result
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload = anyio.Event()
+            self.notifier.send("RELOADING=1")
+            try:
+                new = await anyio.to_thread.run_sync(self.loader.load)
+            except ConfigError as exc:
+                _log.error("config_reload_failed", error=str(exc), key=exc.context.get("key"))
+            else:
+                self._apply(new)
+            self.notifier.send("READY=1")
+
+    def _apply(self, new: Config) -> None:
+        if new.root != self.config.root:
+            _log.warning("config_reload_ignored_root", root=new.root, kept=self.config.root)
+            new = _replace_root(new, self.config.root)
+        self.config = new
+        self.router.config = new
+        self.router.subscriptions = {t: list(a) for t, a in new.subscriptions.items()}
+        self.router.dedupe.window_s = new.dedupe_window_seconds
+        _log.info("config_reloaded", config_file=new.config_file)
+
+
+def _replace_root(config: Config, root: str) -> Config:
+    return msgspec.structs.replace(config, root=root)

@@ -1,0 +1,135 @@
+"""A real ``busd run`` subprocess for tests, and helpers to drop and wait for files."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BUSD = str(Path(sys.executable).with_name("busd"))
+
+
+def message(i: int = 0, **fields: Any) -> dict[str, Any]:
+    """A valid ``fact`` message from alice to bob, numbered ``i``."""
+    base: dict[str, Any] = {
+        "schema_version": "1.0",
+        "message_id": f"m-{i:06d}",
+        "message_type": "fact",
+        "created_at": "2026-11-21T12:00:00Z",
+        "workflow_id": "w1",
+        "task_id": "t1",
+        "agent_id": "alice",
+        "to": "bob",
+        "body": f"hello {i}",
+    }
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def drop(root: Path, data: bytes | dict[str, Any], name: str, agent: str = "alice") -> Path:
+    """Drop a file the way any producer does: write in tmp/, rename into outbox/<agent>/."""
+    raw = json.dumps(data).encode() if isinstance(data, dict) else data
+    outbox = root / "outbox" / agent
+    outbox.mkdir(parents=True, exist_ok=True)
+    tmp = root / "tmp" / f"drop-{os.getpid()}-{name}"
+    tmp.write_bytes(raw)
+    target = outbox / name
+    os.rename(tmp, target)
+    return target
+
+
+def files(directory: Path) -> list[Path]:
+    """Non-hidden files of ``directory``, sorted (empty if it does not exist)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Daemon:
+    """``busd run`` on ``root`` with JSON logs read from stderr in a thread."""
+
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [BUSD, "run", "--root", str(root), "--log-format", "json", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=full_env,
+        )
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.log: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = {"event": "unparsed", "text": raw.decode(errors="replace")}
+            self.log.append(event)
+            self.lines.put(event)
+
+    def wait_event(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Block until a log line with ``event == name`` arrives."""
+        for seen in self.log:
+            if seen.get("event") == name:
+                return seen
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+                raise AssertionError(f"no {name!r} log line; saw {self.log[-5:]}")
+            try:
+                event = self.lines.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                continue
+            if event.get("event") == name:
+                return event
+
+    def ready(self, timeout: float = 15.0) -> Daemon:
+        """Wait for ``daemon_ready``."""
+        self.wait_event("daemon_ready", timeout)
+        return self
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the daemon."""
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._reader.join(timeout=2)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(timeout=2)
