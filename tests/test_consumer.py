@@ -12,12 +12,13 @@ from pathlib import Path
 import portalocker
 import pytest
 
-from busd import consumer as consumer_mod
 from busd import dlq
-from busd.consumer import Consumer, ProcessedLedger, return_expired
+from busd import ledger as ledger_mod
+from busd.consumer import Consumer, return_expired
 from busd.delivery import deliver
 from busd.errors import InvalidName, LockTimeout, NotFound
 from busd.layout import delivery_name, parse_delivery_name
+from busd.ledger import LedgerRecord, ProcessedLedger
 from conftest import Bus, message_bytes, run_python
 
 _RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -323,7 +324,7 @@ def test_ledger_reads_incrementally_and_tolerates_a_torn_line(tmp_path: Path) ->
     with path.open("ab") as f:
         f.write(b'ed_at":"x","idempotency_key":"k"}\n{"message_id":"m-torn"')
     assert "k" in ledger and "m-2" in ledger and len(ledger) == 3
-    ledger.add_many([consumer_mod.LedgerRecord(message_id="m-4", acked_at="x")])
+    ledger.add_many([LedgerRecord(message_id="m-4", acked_at="x")])
     for view in (ledger, ProcessedLedger(path)):
         assert "m-4" in view and "m-1" in view and "m-torn" not in view
 
@@ -332,7 +333,7 @@ def test_ack_raises_lock_timeout_when_the_ledger_is_locked(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ledger lock held elsewhere makes ack raise LockTimeout and keeps the claim."""
-    monkeypatch.setattr(consumer_mod, "_LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ledger_mod, "_LOCK_TIMEOUT_S", 0.2)
     _put(bus, "m-1")
     c = Consumer(bus.config, "bob")
     c.claim()

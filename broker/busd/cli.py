@@ -27,6 +27,7 @@ from .delivery import publish
 from .errors import BusdError
 from .journal import Journal, JournalEntry, encode_entry
 from .layout import init_bus
+from .retention import gc
 from .router import route_pending
 
 __all__ = ["EXIT_CODES", "app", "main"]
@@ -269,6 +270,30 @@ def tail(
         except KeyboardInterrupt:
             pass
     sys.stdout.flush()
+
+
+@app.command("gc")
+def gc_command(
+    ctx: typer.Context,
+    root: RootOpt = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply retention once: old journal segments, ledger records, DLQ entries, tmp files.
+
+    The daemon does the same every minute. Example: busd gc --json
+    """
+    cfg = _load(ctx, root, config)
+    with _errors():
+        report = gc(cfg)
+    if json_out:
+        _print_json(report)
+    else:
+        typer.echo(
+            f"removed {len(report.journal_segments)} journal segments, "
+            f"{report.ledger_records} ledger records, {len(report.dlq_entries)} DLQ entries, "
+            f"{len(report.tmp_files)} tmp files"
+        )
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:

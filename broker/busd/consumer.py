@@ -25,7 +25,6 @@ Synchronous (async callers use worker threads). Contracts:
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -34,35 +33,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import msgspec
-import portalocker
-
 from . import codec, dlq
 from .config import Config
 from .delivery import arrival_clock, ensure_agent_dirs
-from .errors import InvalidMessage, InvalidName, LockTimeout, NotFound, Reason
-from .fsio import fsync_dir, read_limited, rename_noreplace
+from .errors import InvalidMessage, InvalidName, NotFound, Reason
+from .fsio import read_limited, rename_noreplace
 from .layout import Layout, delivery_name, parse_delivery_name
+from .ledger import LedgerRecord, ProcessedLedger, rfc3339
 from .model import Message, check_agent_name, dedupe_key
 
-__all__ = [
-    "Claim",
-    "Consumer",
-    "ExpiredReport",
-    "LedgerRecord",
-    "ProcessedLedger",
-    "return_expired",
-]
+__all__ = ["Claim", "Consumer", "ExpiredReport", "return_expired"]
 
 _CLAIM_PREFIX = ".claim-"
 _HEX = 16
 _NAME_MAX = 255
-_LOCK_TIMEOUT_S = 10.0
 _UTIME_NOFOLLOW = os.utime in os.supports_follow_symlinks
-
-
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _set_lease(path: Path, expiry: float) -> datetime:
@@ -70,111 +55,6 @@ def _set_lease(path: Path, expiry: float) -> datetime:
     ns = int(expiry * 1e9)
     os.utime(path, ns=(time.time_ns(), ns), follow_symlinks=not _UTIME_NOFOLLOW)
     return datetime.fromtimestamp(expiry, UTC)
-
-
-class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One line of ``processed/<agent>.jsonl``."""
-
-    message_id: str
-    idempotency_key: str | None = None
-    acked_at: str
-
-
-class ProcessedLedger:
-    """The keys (message ids and idempotency keys) an agent has acknowledged.
-
-    Reads the file once, then only the bytes appended since (the offset of the
-    last complete line is remembered), so repeated checks are cheap. A last
-    line without its newline (a write in progress, or torn by a crash) is not
-    consumed; lines that fail to decode are skipped. Thread-safe.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock_path = path.parent / f".{path.stem}.lock"
-        self._keys: set[str] = set()
-        self._offset = 0
-        self._ino: int | None = None
-        self._mutex = threading.Lock()
-
-    def refresh(self) -> None:
-        """Read what was appended since the last call (all of it if the file was replaced)."""
-        with self._mutex:
-            self._refresh()
-
-    def _refresh(self) -> None:
-        try:
-            st = os.stat(self.path)
-            if st.st_ino != self._ino or st.st_size < self._offset:
-                self._keys.clear()
-                self._offset, self._ino = 0, st.st_ino
-            if st.st_size == self._offset:
-                return
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read(st.st_size - self._offset)
-        except FileNotFoundError:
-            return
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return
-        self._offset += end + 1
-        for line in chunk[:end].split(b"\n"):
-            try:
-                rec = msgspec.json.decode(line, type=LedgerRecord)
-            except msgspec.DecodeError:
-                continue  # a torn line glued to garbage, or an empty line
-            self._add(rec)
-
-    def __contains__(self, key: object) -> bool:
-        self.refresh()
-        return key in self._keys
-
-    def __len__(self) -> int:
-        self.refresh()
-        return len(self._keys)
-
-    def add_many(self, records: Iterable[LedgerRecord]) -> None:
-        """Append ``records`` as one write + one fsync under the exclusive ledger lock.
-
-        Raises :class:`LockTimeout` if the lock is not acquired within 10 s.
-        """
-        recs = list(records)
-        if not recs:
-            return
-        payload = b"".join(msgspec.json.encode(r) + b"\n" for r in recs)
-        lock = portalocker.Lock(
-            self.lock_path, mode="a", timeout=_LOCK_TIMEOUT_S, check_interval=0.005
-        )
-        try:
-            lock.acquire()
-        except portalocker.exceptions.LockException as exc:
-            raise LockTimeout(f"ledger {self.path.name} locked for {_LOCK_TIMEOUT_S:g} s") from exc
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    # A writer died mid-line: end that line so ours is not glued to it.
-                    payload = b"\n" + payload
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if size == 0:
-                fsync_dir(self.path.parent)
-        finally:
-            lock.release()
-        with self._mutex:
-            for r in recs:
-                self._add(r)
-
-    def _add(self, rec: LedgerRecord) -> None:
-        self._keys.add(rec.message_id)
-        if rec.idempotency_key is not None:
-            self._keys.add(rec.idempotency_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +242,7 @@ class Consumer:
         (also when already in the ledger). Returns how many ids were acked.
         """
         index = self._index()
-        now = _rfc3339(time.time())
+        now = rfc3339(time.time())
         records: list[LedgerRecord] = []
         paths: list[Path] = []
         for mid in dict.fromkeys(message_ids):

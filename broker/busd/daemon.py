@@ -34,6 +34,7 @@ from .buslock import BusLock
 from .config import Config, ConfigLoader
 from .consumer import return_expired
 from .errors import AlreadyRunning, ConfigError
+from .retention import gc
 from .router import Router, RouteReport
 from .sdnotify import Notifier, watchdog_interval
 from .watcher import watch
@@ -42,6 +43,7 @@ __all__ = ["Daemon"]
 
 _log = structlog.get_logger("busd.daemon")
 _CLI_LOCK_WAIT_S = 5.0
+_GC_PERIOD_S = 60.0
 
 
 class Daemon:
@@ -88,6 +90,7 @@ class Daemon:
                 tg.start_soon(self._route_loop)
                 tg.start_soon(self._timer, self._lease_pass, self._lease_period)
                 tg.start_soon(self._timer, self._request_full_scan, self._rescan_period)
+                tg.start_soon(self._timer, self._gc_pass, lambda: _GC_PERIOD_S)
                 tg.start_soon(self._reload_loop)
                 if (interval := watchdog_interval()) is not None:
                     tg.start_soon(self._timer, self._watchdog, lambda: interval)
@@ -202,6 +205,14 @@ class Daemon:
             _log.info("message_redelivered", name=name)
         for name in expired.dead_lettered:
             _log.warning("message_dead_lettered", name=name, reason="delivery_limit")
+
+    async def _gc_pass(self) -> None:
+        async with self._lane:
+            report = await anyio.to_thread.run_sync(
+                lambda: gc(self.config, journal=self.router.journal)
+            )
+        if report.journal_segments or report.ledger_records or report.dlq_entries:
+            _log.info("retention_applied", **msgspec.structs.asdict(report))
 
     def _lease_period(self) -> float:
         return min(1.0, self.config.lease_seconds / 4)

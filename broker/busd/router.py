@@ -34,13 +34,13 @@ from . import dlq
 from .buslock import BusLock
 from .codec import decode, encode_json
 from .config import Config
-from .consumer import ProcessedLedger
 from .dedupe import DedupeIndex
 from .delivery import arrival_clock, deliver, sync_dirs
 from .errors import InvalidMessage, InvalidName, Reason
 from .fsio import read_limited, rename_noreplace
 from .journal import Journal, JournalEntry
 from .layout import delivery_name, parse_delivery_name
+from .ledger import ProcessedLedger
 from .model import Message, check_agent_name, dedupe_key, effective_recipients
 
 __all__ = ["RouteReport", "Router", "route_pending"]
