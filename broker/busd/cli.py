@@ -20,15 +20,15 @@ import typer
 
 from . import __version__, logs
 from .codec import decode, encode_json, encode_markdown
-from .config import Config, ConfigLoader
+from .config import Config, ConfigLoader, parse_text_value
 from .consumer import Consumer, return_expired
 from .daemon import Daemon
 from .delivery import publish
 from .errors import BusdError
 from .journal import Journal, JournalEntry, encode_entry
 from .layout import init_bus
+from .recovery import route_pending
 from .retention import gc
-from .router import route_pending
 
 __all__ = ["EXIT_CODES", "app", "main"]
 
@@ -302,7 +302,9 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             _fail("config_error", f"--set expects KEY=VALUE, got {pair!r}")
-        flags[key.strip().replace("-", "_")] = value
+        key = key.strip().replace("-", "_")
+        with _errors():
+            flags[key] = parse_text_value(value, f"--set {key}")
     return flags
 
 

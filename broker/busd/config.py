@@ -25,7 +25,14 @@ import msgspec
 from .errors import ConfigError
 from .layout import Layout
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigLoader", "find_root", "load_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "Config",
+    "ConfigLoader",
+    "find_root",
+    "load_config",
+    "parse_text_value",
+]
 
 ENV_PREFIX = "BUSD_"
 _Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -100,16 +107,25 @@ def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
         key = suffix.lower()
         if key not in _KEYS or key in ("root", "config_file"):
             raise ConfigError(f"unknown environment variable {name}", key=name)
-        value: Any = raw
-        if raw[:1] in ("[", "{"):
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{name}: not valid JSON: {exc}", key=name) from exc
-        elif raw == "" or raw.lower() == "none":
-            value = None
-        values[key] = (value, f"environment variable {name}")
+        values[key] = (parse_text_value(raw, name), f"environment variable {name}")
     return values
+
+
+def parse_text_value(raw: str, where: str) -> Any:
+    """Parse a value given as text (env variable, ``--set``).
+
+    Lists and tables are JSON (``[1000]``, ``{"news": ["a"]}``); empty or
+    ``none`` means unset; anything else stays text for the typed conversion
+    (``"1"`` -> 1, ``"true"`` -> True).
+    """
+    if raw[:1] in ("[", "{"):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc}", key=where) from exc
+    if raw == "" or raw.lower() == "none":
+        return None
+    return raw
 
 
 def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
@@ -120,8 +136,15 @@ def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
         raise ConfigError(f"config file {path} does not exist", key="config_file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}", key="config_file") from exc
-    # [busd] is optional: a file may hold the keys at top level or in that table.
-    table = data.get("busd", data) if isinstance(data.get("busd"), dict) else data
+    # [busd] is optional: a file holds the keys at top level or in that table, not both.
+    table = data
+    if isinstance(data.get("busd"), dict):
+        table = data["busd"]
+        stray = sorted(k for k in data if k != "busd")
+        if stray:
+            raise ConfigError(
+                f"config file {path}: keys outside [busd]: {', '.join(stray)}", key=stray[0]
+            )
     out: dict[str, tuple[Any, str]] = {}
     for key, value in table.items():
         if key not in _KEYS or key == "config_file":
@@ -148,7 +171,7 @@ class ConfigLoader:
         """Merge flags > env > file > defaults; raise :class:`ConfigError` on any bad input."""
         env = os.environ if self.env is None else self.env
         for key in self.flags:
-            if key not in _KEYS:
+            if key not in _KEYS or key in ("root", "config_file"):
                 raise ConfigError(f"unknown option {key!r}", key=key)
         cfg_path = self.config_file or env.get("BUSD_CONFIG") or None
         root = self.root or env.get("BUSD_ROOT") or None
@@ -169,7 +192,7 @@ class ConfigLoader:
             file_values = _file_values(Path(cfg_path))
             file_values.pop("root", None)
         merged: dict[str, tuple[Any, str]] = {**file_values, **_env_values(env)}
-        merged.update({k: (v, f"option --{k.replace('_', '-')}") for k, v in self.flags.items()})
+        merged.update({k: (v, f"option --set {k}={v}") for k, v in self.flags.items()})
         raw: dict[str, Any] = {k: v for k, (v, _) in merged.items()}
         raw["root"] = str(root_path)
         raw["config_file"] = str(Path(cfg_path).absolute()) if cfg_path else None

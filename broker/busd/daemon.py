@@ -33,9 +33,11 @@ from anyio.abc import TaskStatus
 from .buslock import BusLock
 from .config import Config, ConfigLoader
 from .consumer import return_expired
-from .errors import AlreadyRunning, ConfigError
+from .errors import AlreadyRunning, ConfigError, ShuttingDown
+from .journal import START
+from .recovery import recover_deliveries, write_checkpoint
 from .retention import gc
-from .router import Router, RouteReport
+from .router import Incoming, Router, RouteReport
 from .sdnotify import Notifier, watchdog_interval
 from .watcher import watch
 
@@ -44,6 +46,8 @@ __all__ = ["Daemon"]
 _log = structlog.get_logger("busd.daemon")
 _CLI_LOCK_WAIT_S = 5.0
 _GC_PERIOD_S = 60.0
+_CHECKPOINT_PERIOD_S = 1.0
+_BATCH = 512
 
 
 class Daemon:
@@ -68,6 +72,9 @@ class Daemon:
         self._reload = anyio.Event()
         self._stop_signals = 0
         self._force_timer: threading.Timer | None = None
+        self._publishes: list[tuple[list[Incoming], anyio.Event]] = []
+        self._arrivals: dict[str, anyio.Event] = {}
+        self._checkpointed = START
 
     @property
     def router(self) -> Router:
@@ -91,6 +98,7 @@ class Daemon:
                 tg.start_soon(self._timer, self._lease_pass, self._lease_period)
                 tg.start_soon(self._timer, self._request_full_scan, self._rescan_period)
                 tg.start_soon(self._timer, self._gc_pass, lambda: _GC_PERIOD_S)
+                tg.start_soon(self._timer, self._checkpoint, lambda: _CHECKPOINT_PERIOD_S)
                 tg.start_soon(self._reload_loop)
                 if (interval := watchdog_interval()) is not None:
                     tg.start_soon(self._timer, self._watchdog, lambda: interval)
@@ -112,6 +120,8 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             if self._router is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(write_checkpoint, self._router)
                 self._router.close()
             lock.release()
             if self._force_timer is not None:
@@ -161,13 +171,16 @@ class Daemon:
         removed = self.router.journal.repair()
         if removed:
             _log.warning("journal_tail_repaired", bytes_removed=removed)
+        recovered = recover_deliveries(self.router)
         expired = return_expired(self.config)
         _log.info(
-            "claims_recovered",
-            returned=len(expired.returned),
-            dead_lettered=len(expired.dead_lettered),
+            "recovery_done",
+            redelivered_from_journal=recovered,
+            claims_returned=len(expired.returned),
+            claims_dead_lettered=len(expired.dead_lettered),
         )
         report = self.router.route_all()
+        write_checkpoint(self.router)
         self.totals.add(report)
         return report
 
@@ -179,28 +192,69 @@ class Daemon:
         self._full_scan = True
         self._wake.set()
 
+    async def publish(self, items: list[Incoming]) -> None:
+        """Hand ``items`` to the next group commit; return once each has its outcome.
+
+        An accepted item is in the fsynced journal when this returns.
+        """
+        if self._stop.is_set():
+            raise ShuttingDown("busd is shutting down; publish to the outbox instead")
+        done = anyio.Event()
+        self._publishes.append((items, done))
+        self._wake.set()
+        await done.wait()
+
+    async def wait_for_delivery(self, agent: str, timeout: float) -> None:
+        """Return when something may have arrived for ``agent``, or after ``timeout``."""
+        event = self._arrivals.setdefault(agent, anyio.Event())
+        with anyio.move_on_after(timeout):
+            await event.wait()
+
+    def _notify_arrivals(self, agents: set[str] | None) -> None:
+        for agent in list(self._arrivals) if agents is None else agents:
+            event = self._arrivals.pop(agent, None)
+            if event is not None:
+                event.set()
+
     async def _route_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
             dirs, full = self._dirty, self._full_scan
             self._dirty, self._full_scan = set(), False
-            async with self._lane:
-                report = await anyio.to_thread.run_sync(self._route_pass, dirs, full)
+            publishes, self._publishes = self._publishes, []
+            incoming = [item for items, _ in publishes for item in items]
+            try:
+                async with self._lane:
+                    report = await anyio.to_thread.run_sync(self._route_pass, dirs, full, incoming)
+            finally:
+                # Never leave a publisher hanging: on failure their outcome stays None.
+                for _, done in publishes:
+                    done.set()
             self.totals.add(report)
+            self._notify_arrivals(report.recipients)
 
-    def _route_pass(self, dirs: set[Path], full: bool) -> RouteReport:
+    def _route_pass(self, dirs: set[Path], full: bool, incoming: list[Incoming]) -> RouteReport:
         router = self.router
         router.dedupe.expire()
         paths = router.scan() if full else router.scan_dirs(dirs)
         report = RouteReport()
-        for i in range(0, len(paths), 512):
-            report.add(router.route(paths[i : i + 512]))
+        for i in range(0, max(len(paths), 1), _BATCH):
+            # Socket publishes ride with the first batch: one journal fsync for all.
+            report.add(router.route(paths[i : i + _BATCH], incoming if i == 0 else ()))
         return report
+
+    async def _checkpoint(self) -> None:
+        router = self.router
+        if router.unsynced or router.position != self._checkpointed:
+            async with self._lane:
+                self._checkpointed = await anyio.to_thread.run_sync(write_checkpoint, router)
 
     async def _lease_pass(self) -> None:
         async with self._lane:
             expired = await anyio.to_thread.run_sync(return_expired, self.config)
+        if expired.returned:
+            self._notify_arrivals(None)
         for name in expired.returned:
             _log.info("message_redelivered", name=name)
         for name in expired.dead_lettered:

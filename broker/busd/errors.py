@@ -15,12 +15,16 @@ __all__ = [
     "AlreadyRunning",
     "BusdError",
     "ConfigError",
+    "Forbidden",
     "InvalidMessage",
     "InvalidName",
     "LockTimeout",
     "NotFound",
+    "Overloaded",
     "Reason",
+    "ShuttingDown",
     "StorageError",
+    "Unroutable",
 ]
 
 
@@ -39,9 +43,14 @@ class Reason(enum.StrEnum):
 
 
 class BusdError(Exception):
-    """Base class: ``code`` is stable, ``str(err)`` is for humans."""
+    """Base class: ``code`` is stable, ``str(err)`` is for humans.
+
+    ``rpc_code`` is the JSON-RPC error code the socket API answers with; the
+    error's ``code`` travels as ``error.data.reason``.
+    """
 
     code: ClassVar[str] = "busd_error"
+    rpc_code: ClassVar[int] = -32000
 
     def __init__(self, message: str, **context: Any) -> None:
         super().__init__(message)
@@ -57,30 +66,35 @@ class ConfigError(BusdError):
     """A config key, environment variable or flag has a bad name or value."""
 
     code = "config_error"
+    rpc_code = -32009
 
 
 class LockTimeout(BusdError):
     """An exclusive file lock was not acquired within its timeout."""
 
     code = "lock_timeout"
+    rpc_code = -32005
 
 
 class InvalidName(BusdError):
     """An agent id, topic or file name is not safe to use as a path component."""
 
     code = "invalid_name"
+    rpc_code = -32602
 
 
 class NotFound(BusdError):
     """A named message, claim or DLQ entry does not exist."""
 
     code = "not_found"
+    rpc_code = -32004
 
 
 class AlreadyRunning(BusdError):
     """Another daemon holds the bus lock; ``pid`` names it when known."""
 
     code = "already_running"
+    rpc_code = -32010
 
     def __init__(self, message: str, pid: int | None = None) -> None:
         super().__init__(message, pid=pid)
@@ -91,6 +105,7 @@ class StorageError(BusdError):
     """The filesystem refused a write busd needs (disk full, read-only, permissions)."""
 
     code = "storage_error"
+    rpc_code = -32006
 
 
 class InvalidMessage(BusdError):
@@ -101,9 +116,38 @@ class InvalidMessage(BusdError):
     """
 
     code = "invalid_message"
+    rpc_code = -32602
 
     def __init__(self, reason: Reason, detail: str, path: str | None = None) -> None:
         super().__init__(f"{reason.value}: {detail}", reason=reason.value, path=path)
         self.reason = reason
         self.detail = detail
         self.path = path
+
+
+class Unroutable(BusdError):
+    """A valid message has no recipient busd may deliver to (DLQ reason ``unroutable``)."""
+
+    code = "unroutable"
+    rpc_code = -32007
+
+
+class Overloaded(BusdError):
+    """A limit was reached (connections, request size); retry later or send less."""
+
+    code = "overloaded"
+    rpc_code = -32008
+
+
+class Forbidden(BusdError):
+    """The peer's uid/gid is not allowed to use this bus."""
+
+    code = "forbidden"
+    rpc_code = -32003
+
+
+class ShuttingDown(BusdError):
+    """The daemon is stopping and takes no new work."""
+
+    code = "shutting_down"
+    rpc_code = -32011

@@ -13,9 +13,9 @@ A crash between any two steps is repaired by routing the leftover source file
 again: the dedupe index remembers the path each key was accepted from, so a
 file seen again at that same path is a *redo* (deliver to whichever recipient
 lacks it), not a duplicate. The daemon calls :meth:`Router.route` from a worker
-thread; the daemon-less CLI calls :func:`route_pending`.
+thread; the daemon-less CLI calls :func:`busd.recovery.route_pending`.
 
-Only the holder of :class:`BusLock` (``<root>/busd.lock``) routes a bus.
+Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -31,19 +32,18 @@ import msgspec
 import structlog
 
 from . import dlq
-from .buslock import BusLock
 from .codec import decode, encode_json
 from .config import Config
 from .dedupe import DedupeIndex
 from .delivery import arrival_clock, deliver, sync_dirs
-from .errors import InvalidMessage, InvalidName, Reason
+from .errors import BusdError, InvalidMessage, InvalidName, Reason, Unroutable
 from .fsio import read_limited, rename_noreplace
-from .journal import Journal, JournalEntry
+from .journal import Journal, JournalEntry, Position
 from .layout import delivery_name, parse_delivery_name
 from .ledger import ProcessedLedger
 from .model import Message, check_agent_name, dedupe_key, effective_recipients
 
-__all__ = ["RouteReport", "Router", "route_pending"]
+__all__ = ["Incoming", "RouteReport", "Router"]
 
 _log = structlog.get_logger("busd.router")
 _BATCH = 512
@@ -57,15 +57,35 @@ class RouteReport(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     dead_lettered: int = 0
     redone: int = 0
+    recipients: set[str] = msgspec.field(default_factory=set)
 
     def add(self, other: RouteReport) -> None:
-        """Add ``other``'s counts to these."""
+        """Add ``other``'s counts to these (``recipients`` is a union)."""
         for f in self.__struct_fields__:
-            setattr(self, f, getattr(self, f) + getattr(other, f))
+            if f == "recipients":
+                self.recipients |= other.recipients
+            else:
+                setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
-class _Unroutable(Exception):
-    pass
+@dataclass(slots=True)
+class Incoming:
+    """A validated message handed to the router in memory (a socket publish)."""
+
+    message: Message
+    sender: str | None = None
+    raw: bytes | None = None
+    outcome: str | BusdError | None = None
+
+
+@dataclass(slots=True)
+class _Item:
+    msg: Message
+    body: bytes
+    recipients: list[str] | None
+    rel: str | None
+    path: Path | None
+    incoming: Incoming | None
 
 
 class Router:
@@ -85,6 +105,8 @@ class Router:
         self.subscriptions: dict[str, list[str]] = {
             topic: list(agents) for topic, agents in config.subscriptions.items()
         }
+        self.position: Position = self.journal.end_position()
+        self.unsynced: list[Path] = []
 
     def __enter__(self) -> Router:
         return self
@@ -136,67 +158,96 @@ class Router:
 
     # -- routing ----------------------------------------------------------
 
-    def route(self, paths: Sequence[Path]) -> RouteReport:
-        """Route one batch of files as one group commit (see the module docstring)."""
+    def route(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> RouteReport:
+        """Route one batch of files and in-memory messages as one group commit.
+
+        Each :class:`Incoming` gets its ``outcome`` set: ``"accepted"``,
+        ``"duplicate"`` or the :class:`BusdError` that refused it.
+        """
         report = RouteReport()
         entries: list[JournalEntry] = []
-        accepted: list[tuple[Path, Message, bytes, list[str], str]] = []
-        redo: list[tuple[Path, Message, bytes]] = []
+        accepted: list[_Item] = []
+        redo: list[_Item] = []
         removals: list[Path] = []
-        batch_keys: dict[str, str] = {}
+        batch: set[str] = set()
         now = datetime.now(UTC)
-        for path in paths:
-            rel = path.relative_to(self.layout.root).as_posix()
-            in_inbox = path.parent.parent == self.layout.inbox
-            sender = path.parent.name if path.parent != self.layout.outbox else None
-            try:
-                data = read_limited(path, self.config.max_message_bytes)
-                msg = decode(data, max_bytes=self.config.max_message_bytes)
-                recipients = [sender] if in_inbox and sender else self._recipients(msg)
-            except FileNotFoundError:
-                continue  # claimed or removed by someone else since the scan
-            except (InvalidMessage, _Unroutable, InvalidName) as exc:
-                entries.append(self._dead_letter(path, rel, sender, exc, now))
-                report.dead_lettered += 1
-                continue
-            key = dedupe_key(msg)
+        items = [i for p in paths if (i := self._read(p, entries, report, now)) is not None]
+        items.extend(self._take(inc, entries, report, now) for inc in incoming)
+        for item in items:
+            if item.recipients is None:
+                continue  # refused: already dead-lettered and journaled
+            key = dedupe_key(item.msg)
             seen = self.dedupe.get(key)
-            if (seen is not None and seen.source == rel) or batch_keys.get(key) == rel:
-                redo.append((path, msg, data))
-                continue
-            if seen is not None or key in batch_keys:
-                entries.append(_entry("duplicate", now, msg, rel, recipients))
-                removals.append(path)
+            if item.rel is not None and seen is not None and seen.source == item.rel:
+                redo.append(item)
+            elif seen is not None or key in batch:
+                entries.append(_entry("duplicate", now, item.msg, item.rel, item.recipients))
                 report.duplicates += 1
-                continue
-            batch_keys[key] = rel
-            body = data if in_inbox else encode_json(msg)
-            entry = _entry("accepted", now, msg, rel, recipients)
-            entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(body)))
-            accepted.append((path, msg, body, recipients, rel))
+                if item.path is not None:
+                    removals.append(item.path)
+                if item.incoming is not None:
+                    item.incoming.outcome = "duplicate"
+            else:
+                batch.add(key)
+                entry = _entry("accepted", now, item.msg, item.rel, item.recipients)
+                entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(item.body)))
+                accepted.append(item)
         if entries:
-            self.journal.append(entries)
+            self.position = self.journal.append(entries)
         stamp = time.time()
-        for _, msg, _, _, rel in accepted:
-            self.dedupe.add(dedupe_key(msg), msg.message_id, rel, stamp)
-        written: list[Path] = []
-        for path, msg, body, recipients, _ in accepted:
-            written.extend(self._deliver(path, msg, body, recipients))
+        for item in accepted:
+            self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
+        for item in accepted:
+            self._deliver(item)
             report.accepted += 1
-            report.delivered += len(recipients)
-            _log.info("message_accepted", message_id=msg.message_id, to=recipients)
-        for path, msg, body in redo:
-            written.extend(self._redo(path, msg, body))
+            report.delivered += len(item.recipients or ())
+            if item.incoming is not None:
+                item.incoming.outcome = "accepted"
+            _log.info("message_accepted", message_id=item.msg.message_id, to=item.recipients)
+        for item in redo:
+            self._redo(item)
             report.redone += 1
-        if self.config.fsync and written:
-            sync_dirs(written)
-        for path, *_ in accepted:
-            if path.parent.parent != self.layout.inbox:
-                removals.append(path)
-        removals.extend(p for p, _, _ in redo if p.parent.parent != self.layout.inbox)
+        for item in (*accepted, *redo):
+            if item.path is not None and item.path.parent.parent != self.layout.inbox:
+                removals.append(item.path)
         for path in removals:
             _unlink(path)
+        report.recipients.update(r for item in accepted for r in item.recipients or ())
         return report
+
+    def _read(
+        self, path: Path, entries: list[JournalEntry], report: RouteReport, now: datetime
+    ) -> _Item | None:
+        rel = path.relative_to(self.layout.root).as_posix()
+        in_inbox = path.parent.parent == self.layout.inbox
+        sender = path.parent.name if path.parent != self.layout.outbox else None
+        try:
+            data = read_limited(path, self.config.max_message_bytes)
+            msg = decode(data, max_bytes=self.config.max_message_bytes)
+            recipients = [sender] if in_inbox and sender else self._recipients(msg)
+        except FileNotFoundError:
+            return None  # claimed or removed by someone else since the scan
+        except (InvalidMessage, Unroutable, InvalidName) as exc:
+            entries.append(self._dead_letter(exc, now, sender, source=path, rel=rel))
+            report.dead_lettered += 1
+            return None
+        body = data if in_inbox else encode_json(msg)
+        return _Item(msg, body, recipients, rel, path, None)
+
+    def _take(
+        self, inc: Incoming, entries: list[JournalEntry], report: RouteReport, now: datetime
+    ) -> _Item:
+        body = encode_json(inc.message)
+        try:
+            recipients: list[str] | None = self._recipients(inc.message)
+        except Unroutable as exc:
+            entries.append(
+                self._dead_letter(exc, now, inc.sender, data=inc.raw or body, msg=inc.message)
+            )
+            report.dead_lettered += 1
+            inc.outcome = exc
+            recipients = None
+        return _Item(inc.message, body, recipients, None, None, inc)
 
     def _recipients(self, msg: Message) -> list[str]:
         out: list[str] = []
@@ -204,7 +255,7 @@ class Router:
             if r.startswith("topic:"):
                 subscribers = self.subscriptions.get(r[6:], [])
                 if not subscribers:
-                    raise _Unroutable(f"topic {r[6:]!r} has no subscribers")
+                    raise Unroutable(f"topic {r[6:]!r} has no subscribers")
                 out.extend(subscribers)
             else:
                 out.append(r)
@@ -212,50 +263,79 @@ class Router:
         if self.config.unknown_recipient == "dlq":
             unknown = [r for r in out if not self.layout.inbox_dir(r).is_dir()]
             if unknown:
-                raise _Unroutable(f"unknown recipient(s): {', '.join(unknown)}")
+                raise Unroutable(f"unknown recipient(s): {', '.join(unknown)}")
         return out
 
-    def _deliver(self, path: Path, msg: Message, body: bytes, recipients: list[str]) -> list[Path]:
-        if path.parent.parent == self.layout.inbox:
+    def _deliver(self, item: _Item) -> None:
+        path = item.path
+        if path is not None and path.parent.parent == self.layout.inbox:
             # A producer wrote straight into the inbox: validated and journaled
             # in place; a rename inside the directory gives it a delivery name.
-            target = path.parent / delivery_name(arrival_clock.next(), 0, msg.message_id)
+            target = path.parent / delivery_name(arrival_clock.next(), 0, item.msg.message_id)
             try:
                 rename_noreplace(path, target)
             except FileNotFoundError:
-                return []  # a daemon-less consumer claimed it first: it is journaled, that is all
-            return [target]
-        return [deliver(self.layout, r, body, msg.message_id) for r in recipients]
+                return  # a daemon-less consumer claimed it first: it is journaled, that is all
+            self.unsynced.append(target)
+            return
+        for r in item.recipients or ():
+            self.unsynced.append(deliver(self.layout, r, item.body, item.msg.message_id))
 
-    def _redo(self, path: Path, msg: Message, body: bytes) -> list[Path]:
+    def _redo(self, item: _Item) -> None:
         """Finish a pass that died after the journal append: deliver what is missing."""
-        if path.parent.parent == self.layout.inbox:
-            return self._deliver(path, msg, body, [path.parent.name])
-        written = []
-        for r in self._recipients(msg):
-            if not self._has(r, msg):
-                written.append(deliver(self.layout, r, encode_json(msg), msg.message_id))
-        _log.info("message_redelivered_after_crash", message_id=msg.message_id)
-        return written
+        if item.path is not None and item.path.parent.parent == self.layout.inbox:
+            self._deliver(item)
+            return
+        missing = [r for r in item.recipients or () if not self.has(r, item.msg, len(item.body))]
+        if missing:
+            self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None))
+        _log.info("message_redelivered_after_crash", message_id=item.msg.message_id, to=missing)
 
-    def _has(self, agent: str, msg: Message) -> bool:
+    def deliver_again(self, msg: Message, body: bytes, recipients: list[str]) -> None:
+        """Deliver an already-journaled message to ``recipients`` (recovery)."""
+        self._deliver(_Item(msg, body, recipients, None, None, None))
+
+    def has(self, agent: str, msg: Message, size: int | None = None) -> bool:
+        """Whether ``agent`` has ``msg``: ready, claimed (of ``size`` bytes), or acked."""
         for d in (self.layout.inbox_dir(agent), self.layout.locks_dir(agent)):
             for p in _entries(d):
                 parsed = parse_delivery_name(p.name)
                 if parsed is not None and parsed.message_id == msg.message_id:
-                    return True
+                    if size is None or _size(p) == size:
+                        return True
+                    _unlink(p)  # torn by a power cut before it was synced: deliver again
         ledger = ProcessedLedger(self.layout.ledger(agent))
         return dedupe_key(msg) in ledger or msg.message_id in ledger
 
+    def sync(self) -> None:
+        """Make every delivery since the last call durable (files, then directories)."""
+        if self.unsynced and self.config.fsync:
+            sync_dirs(p for p in self.unsynced if p.exists())
+        self.unsynced.clear()
+
     def _dead_letter(
-        self, path: Path, rel: str, sender: str | None, exc: Exception, now: datetime
+        self,
+        exc: BusdError,
+        now: datetime,
+        sender: str | None,
+        *,
+        source: Path | None = None,
+        rel: str | None = None,
+        data: bytes | None = None,
+        msg: Message | None = None,
     ) -> JournalEntry:
         if isinstance(exc, InvalidMessage):
             reason, detail = exc.reason, exc.detail
         else:
-            reason, detail = Reason.UNROUTABLE, str(exc)
+            reason, detail = Reason.UNROUTABLE, exc.message
         name = dlq.dead_letter(
-            self.layout, reason=reason, detail=detail, source=path, sender=sender
+            self.layout,
+            reason=reason,
+            detail=detail,
+            source=source,
+            data=data,
+            sender=sender,
+            message_id=msg.message_id if msg else None,
         )
         _log.warning("message_dead_lettered", source=rel, reason=reason.value, detail=detail)
         return JournalEntry(
@@ -266,10 +346,20 @@ class Router:
             reason=reason.value,
             detail=detail,
             to=[name],
+            message_id=msg.message_id if msg else None,
         )
 
 
-def _entry(event: str, at: datetime, msg: Message, source: str, to: list[str]) -> JournalEntry:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _entry(
+    event: str, at: datetime, msg: Message, source: str | None, to: list[str] | None
+) -> JournalEntry:
     return JournalEntry(
         event=event,
         at=at,
@@ -308,19 +398,3 @@ def _unlink(path: Path) -> None:
         pass
     except IsADirectoryError:
         os.rmdir(path)
-
-
-def route_pending(config: Config) -> RouteReport | None:
-    """Route everything waiting, if no daemon runs; return None when one does.
-
-    This is how the daemon-less CLI makes ``send`` then ``recv`` work with no
-    daemon: it takes the bus lock for the length of one pass.
-    """
-    lock = BusLock(config.layout, role="cli")
-    if not lock.acquire(timeout=0):
-        return None
-    try:
-        with Router(config) as router:
-            return router.route_all()
-    finally:
-        lock.release()
