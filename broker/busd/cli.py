@@ -344,4 +344,6 @@ def run(
 
 def main() -> None:
     """Console-script entry point."""
+    # A bus is private to its owner: every file busd creates is 0600, every directory 0700.
+    os.umask(0o077)
     app()

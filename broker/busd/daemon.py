@@ -39,6 +39,9 @@ from .recovery import recover_deliveries, write_checkpoint
 from .retention import gc
 from .router import Incoming, Router, RouteReport
 from .sdnotify import Notifier, watchdog_interval
+from .server import Server
+from .service import Service
+from .status import collect
 from .watcher import watch
 
 __all__ = ["Daemon"]
@@ -46,6 +49,7 @@ __all__ = ["Daemon"]
 _log = structlog.get_logger("busd.daemon")
 _CLI_LOCK_WAIT_S = 5.0
 _GC_PERIOD_S = 60.0
+_SUBSCRIPTIONS_FILE = "subscriptions.json"
 _CHECKPOINT_PERIOD_S = 1.0
 _BATCH = 512
 
@@ -75,6 +79,7 @@ class Daemon:
         self._publishes: list[tuple[list[Incoming], anyio.Event]] = []
         self._arrivals: dict[str, anyio.Event] = {}
         self._checkpointed = START
+        self.socket: Path | None = None
 
     @property
     def router(self) -> Router:
@@ -91,8 +96,11 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(self._signals)
-                tg.start_soon(watch, self.config, self._on_hints, self._watch_stop)
                 self._router = await anyio.to_thread.run_sync(Router, self.config)
+                self._router.subscriptions = self._merged_subscriptions(self.config)
+                # Bound before "ready": a bind error stops start-up with a clear message.
+                self.socket = await tg.start(Server(self.config, Service(self)).serve)
+                tg.start_soon(watch, self.config, self._on_hints, self._watch_stop)
                 report = await anyio.to_thread.run_sync(self._recover)
                 tg.start_soon(self._route_loop)
                 tg.start_soon(self._timer, self._lease_pass, self._lease_period)
@@ -183,6 +191,65 @@ class Daemon:
         write_checkpoint(self.router)
         self.totals.add(report)
         return report
+
+    # -- hooks for the socket service ------------------------------------------
+
+    def notify_arrival(self, agent: str) -> None:
+        """Wake fetchers and subscribers of ``agent`` (a message was put back)."""
+        self._notify_arrivals({agent})
+
+    def request_scan(self) -> None:
+        """Ask for a full scan soon (after a replay published into outboxes)."""
+        self._request_full_scan()
+
+    def subscribe(self, topic: str, agent: str) -> None:
+        """Add ``agent`` to ``topic`` and persist it in ``<root>/subscriptions.json``."""
+        agents = self.router.subscriptions.setdefault(topic, [])
+        if agent in agents:
+            return
+        agents.append(agent)
+        runtime = self._runtime_subscriptions()
+        runtime.setdefault(topic, [])
+        if agent not in runtime[topic]:
+            runtime[topic].append(agent)
+        path = self.config.layout.root / _SUBSCRIPTIONS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(msgspec.json.encode(runtime))
+        os.replace(tmp, path)
+        _log.info("topic_subscribed", topic=topic, agent=agent)
+
+    def _runtime_subscriptions(self) -> dict[str, list[str]]:
+        path = self.config.layout.root / _SUBSCRIPTIONS_FILE
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=dict[str, list[str]])
+        except (FileNotFoundError, msgspec.DecodeError):
+            return {}
+
+    def _merged_subscriptions(self, config: Config) -> dict[str, list[str]]:
+        merged = {topic: list(agents) for topic, agents in config.subscriptions.items()}
+        for topic, agents in self._runtime_subscriptions().items():
+            merged[topic] = list(dict.fromkeys([*merged.get(topic, []), *agents]))
+        return merged
+
+    def status(self) -> dict[str, Any]:
+        """``busd status`` data, with what only the daemon knows (call from a thread)."""
+        t = self.totals
+        info = {
+            "running": True,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "socket": str(self.socket),
+            "watcher": "polling" if self.config.force_polling else "native",
+            "config_file": self.config.config_file,
+            "dedupe_index": len(self.router.dedupe),
+            "totals": {
+                "accepted": t.accepted,
+                "delivered": t.delivered,
+                "duplicates": t.duplicates,
+                "dead_lettered": t.dead_lettered,
+            },
+        }
+        return collect(self.config, info)
 
     def _on_hints(self, hints: set[Path]) -> None:
         self._dirty |= hints
@@ -308,7 +375,7 @@ class Daemon:
             new = _replace_root(new, self.config.root)
         self.config = new
         self.router.config = new
-        self.router.subscriptions = {t: list(a) for t, a in new.subscriptions.items()}
+        self.router.subscriptions = self._merged_subscriptions(new)
         self.router.dedupe.window_s = new.dedupe_window_seconds
         _log.info("config_reloaded", config_file=new.config_file)
 

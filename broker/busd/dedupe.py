@@ -77,8 +77,9 @@ class DedupeIndex:
             at = _timestamp(entry.at)
             if at < limit or entry.message_id is None:
                 continue
-            key = entry.idempotency_key or entry.message_id
-            index.add(key, entry.message_id, entry.source, at)
+            index.add(entry.message_id, entry.message_id, entry.source, at)
+            if entry.idempotency_key:
+                index.add(entry.idempotency_key, entry.message_id, entry.source, at)
         return index
 
 

@@ -374,8 +374,18 @@ def replay(
                 _write_replacing(layout.dlq, name + RECORD_SUFFIX, _encode(new), layout.tmp)
             return ReplayResult(name, "still_invalid", None, None, why)
         inbox_agent = (to or record.recipient) if record.reason in _ACCEPTED_REASONS else None
+        # A file its producer dropped straight into an inbox goes back there, under a
+        # foreign name, so the router validates and journals it in place.
+        dropped = (
+            inbox_agent is None
+            and to is None
+            and record.recipient is not None
+            and (record.original_path or "").startswith("inbox/")
+        )
         body = raw
-        if inbox_agent is not None:
+        if dropped:
+            where = layout.inbox_dir(check_agent_name(record.recipient or "", "recipient"))
+        elif inbox_agent is not None:
             where = layout.inbox_dir(check_agent_name(inbox_agent, "recipient"))
         else:
             where = layout.outbox_dir(check_agent_name(record.sender or msg.agent_id, "sender"))
@@ -385,7 +395,10 @@ def replay(
                 body = codec.encode_json(msg)
         if dry_run:
             return ReplayResult(name, "would_replay", where, msg.message_id)
-        if inbox_agent is not None:
+        if dropped:
+            foreign = f"replay-{hashlib.sha256(body).hexdigest()[:16]}.json"
+            target = write_durable(where, foreign, body, tmp_dir=layout.tmp)
+        elif inbox_agent is not None:
             target = deliver(layout, inbox_agent, body, msg.message_id, deliveries=0, fsync=True)
         else:
             target = publish_bytes(layout, where.name, body, msg.message_id, fsync=True)

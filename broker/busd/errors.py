@@ -119,7 +119,8 @@ class InvalidMessage(BusdError):
     rpc_code = -32602
 
     def __init__(self, reason: Reason, detail: str, path: str | None = None) -> None:
-        super().__init__(f"{reason.value}: {detail}", reason=reason.value, path=path)
+        where = f" (at {path})" if path and path not in detail else ""
+        super().__init__(f"{reason.value}: {detail}{where}", reason=reason.value, path=path)
         self.reason = reason
         self.detail = detail
         self.path = path

@@ -103,6 +103,13 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     if _IS_WINDOWS:
         _rename_windows(src, dst)
         return
+    if stat.S_ISDIR(os.lstat(src).st_mode):
+        # link(2) cannot take a directory; check-then-rename is the best left, and
+        # only the DLQ moves directories (found where a message file should be).
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+        os.rename(src, dst)
+        return
     os.link(src, dst)
     os.unlink(src)
 
@@ -186,6 +193,9 @@ def read_limited(path: Path, max_bytes: int) -> bytes:
             ) from exc
         if isinstance(exc, IsADirectoryError):
             raise InvalidMessage(Reason.NOT_A_REGULAR_FILE, f"{path.name} is a directory") from exc
+        if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket or a device without driver
+            kind = _kind(os.lstat(path).st_mode)
+            raise InvalidMessage(Reason.NOT_A_REGULAR_FILE, f"{path.name} is a {kind}") from exc
         raise
     try:
         st = os.fstat(fd)

@@ -42,7 +42,7 @@ else:
     # msgspec cannot decode Raw inside a union; a bare Raw with a None default behaves the same.
     _RawOrNone = msgspec.Raw
 
-_SEGMENT_RE: Final = re.compile(r"(\d{12})\.ndjson")
+_SEGMENT_RE: Final = re.compile(r"([0-9]{12})\.ndjson")
 _READ_CHUNK: Final = 1 << 20
 _TAIL_BLOCK: Final = 1 << 16
 _STORAGE_ERRNOS: Final = {getattr(errno, n, -1) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES")}

@@ -41,7 +41,7 @@ __all__ = [
 
 DIR_MODE = 0o700
 _SUBDIRS = ("tmp", "outbox", "inbox", "locks", "processed", "dlq", "journal")
-_DELIVERY_RE = re.compile(r"^(\d{20})-(\d{3})-([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json$")
+_DELIVERY_RE = re.compile(r"([0-9]{20})-([0-9]{3})-([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json")
 _MAX_DELIVERIES_IN_NAME = 999
 
 
@@ -60,7 +60,7 @@ def delivery_name(arrival: str, deliveries: int, message_id: str) -> str:
 
 def parse_delivery_name(name: str) -> DeliveryName | None:
     """Parse a delivery name, or return ``None`` for a foreign name."""
-    m = _DELIVERY_RE.match(name)
+    m = _DELIVERY_RE.fullmatch(name)
     if m is None:
         return None
     return DeliveryName(m.group(1), int(m.group(2)), m.group(3))

@@ -57,7 +57,7 @@ SCHEMA_VERSION: Final = "1.0"
 
 # ``\Z``, not ``$``: msgspec (like ``re.search``) lets ``$`` match before a
 # trailing newline, and "alice\n" must never become a directory name.
-SCHEMA_VERSION_PATTERN: Final = r"^1\.\d+\Z"
+SCHEMA_VERSION_PATTERN: Final = r"^1\.[0-9]+\Z"
 MESSAGE_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z"
 AGENT_NAME_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z"
 """Agent names (also topic names). Besides matching, a name must not end with

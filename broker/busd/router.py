@@ -177,10 +177,13 @@ class Router:
             if item.recipients is None:
                 continue  # refused: already dead-lettered and journaled
             key = dedupe_key(item.msg)
-            seen = self.dedupe.get(key)
+            mid = item.msg.message_id
+            # message ids are unique by contract: a second message with a seen id is a
+            # duplicate even under another idempotency key (it would share file names).
+            seen = self.dedupe.get(key) or self.dedupe.get(mid)
             if item.rel is not None and seen is not None and seen.source == item.rel:
                 redo.append(item)
-            elif seen is not None or key in batch:
+            elif seen is not None or key in batch or mid in batch:
                 entries.append(_entry("duplicate", now, item.msg, item.rel, item.recipients))
                 report.duplicates += 1
                 if item.path is not None:
@@ -188,7 +191,7 @@ class Router:
                 if item.incoming is not None:
                     item.incoming.outcome = "duplicate"
             else:
-                batch.add(key)
+                batch.update((key, mid))
                 entry = _entry("accepted", now, item.msg, item.rel, item.recipients)
                 entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(item.body)))
                 accepted.append(item)
@@ -197,6 +200,8 @@ class Router:
         stamp = time.time()
         for item in accepted:
             self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
+            if item.msg.idempotency_key is not None:
+                self.dedupe.add(item.msg.message_id, item.msg.message_id, item.rel, stamp)
         for item in accepted:
             self._deliver(item)
             report.accepted += 1
@@ -220,18 +225,32 @@ class Router:
     ) -> _Item | None:
         rel = path.relative_to(self.layout.root).as_posix()
         in_inbox = path.parent.parent == self.layout.inbox
-        sender = path.parent.name if path.parent != self.layout.outbox else None
+        owner = path.parent.name if path.parent != self.layout.outbox else None
+        # An inbox file's directory names its recipient; an outbox file's, its sender.
+        sender, recipient = (None, owner) if in_inbox else (owner, None)
+        limit = self.config.max_message_bytes
+        msg: Message | None = None
         try:
-            data = read_limited(path, self.config.max_message_bytes)
-            msg = decode(data, max_bytes=self.config.max_message_bytes)
-            recipients = [sender] if in_inbox and sender else self._recipients(msg)
+            data = read_limited(path, limit)
+            msg = decode(data, max_bytes=limit)
+            # The journal and the inbox hold canonical JSON; a Markdown message can
+            # grow in that form, and must not pass here only to fail at claim time.
+            body = encode_json(msg)
+            if len(body) > limit:
+                raise InvalidMessage(
+                    Reason.TOO_LARGE, f"{len(body)} bytes as JSON is over the limit of {limit}"
+                )
+            recipients = [recipient] if recipient else self._recipients(msg)
         except FileNotFoundError:
             return None  # claimed or removed by someone else since the scan
         except (InvalidMessage, Unroutable, InvalidName) as exc:
-            entries.append(self._dead_letter(exc, now, sender, source=path, rel=rel))
+            entries.append(
+                self._dead_letter(
+                    exc, now, sender, source=path, rel=rel, msg=msg, recipient=recipient
+                )
+            )
             report.dead_lettered += 1
             return None
-        body = data if in_inbox else encode_json(msg)
         return _Item(msg, body, recipients, rel, path, None)
 
     def _take(
@@ -301,7 +320,7 @@ class Router:
             for p in _entries(d):
                 parsed = parse_delivery_name(p.name)
                 if parsed is not None and parsed.message_id == msg.message_id:
-                    if size is None or _size(p) == size:
+                    if size is None or _size(p) == size or _complete(p, self.config):
                         return True
                     _unlink(p)  # torn by a power cut before it was synced: deliver again
         ledger = ProcessedLedger(self.layout.ledger(agent))
@@ -323,6 +342,7 @@ class Router:
         rel: str | None = None,
         data: bytes | None = None,
         msg: Message | None = None,
+        recipient: str | None = None,
     ) -> JournalEntry:
         if isinstance(exc, InvalidMessage):
             reason, detail = exc.reason, exc.detail
@@ -335,6 +355,7 @@ class Router:
             source=source,
             data=data,
             sender=sender,
+            recipient=recipient,
             message_id=msg.message_id if msg else None,
         )
         _log.warning("message_dead_lettered", source=rel, reason=reason.value, detail=detail)
@@ -348,6 +369,15 @@ class Router:
             to=[name],
             message_id=msg.message_id if msg else None,
         )
+
+
+def _complete(path: Path, config: Config) -> bool:
+    """Whether ``path`` holds a whole, valid message (not one torn by a power cut)."""
+    try:
+        decode(read_limited(path, config.max_message_bytes))
+    except (InvalidMessage, OSError):
+        return False
+    return True
 
 
 def _size(path: Path) -> int:
