@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidName
 from .layout import Layout
 
 __all__ = [
@@ -197,11 +197,39 @@ class ConfigLoader:
         raw["root"] = str(root_path)
         raw["config_file"] = str(Path(cfg_path).absolute()) if cfg_path else None
         try:
-            return msgspec.convert(raw, Config, strict=False)
+            config = msgspec.convert(raw, Config, strict=False)
         except msgspec.ValidationError as exc:
             key = _key_of(str(exc))
             source = merged[key][1] if key in merged else "configuration"
             raise ConfigError(f"{key or 'config'} (from {source}): {exc}", key=key) from exc
+        _check_names(config, merged)
+        return config
+
+
+def _check_names(config: Config, merged: dict[str, tuple[Any, str]]) -> None:
+    """Agent names in the config follow the same rule as everywhere else."""
+    # Imported here: model is heavy and only this check needs it.
+    from .model import check_agent_name
+
+    def source(key: str) -> str:
+        return merged[key][1] if key in merged else "configuration"
+
+    try:
+        check_agent_name(config.default_recipient, "default_recipient")
+    except InvalidName as exc:
+        raise ConfigError(
+            f"default_recipient (from {source('default_recipient')}): {exc.message}",
+            key="default_recipient",
+        ) from exc
+    try:
+        for topic, agents in config.subscriptions.items():
+            check_agent_name(topic, "topic")
+            for agent in agents:
+                check_agent_name(agent)
+    except InvalidName as exc:
+        raise ConfigError(
+            f"subscriptions (from {source('subscriptions')}): {exc.message}", key="subscriptions"
+        ) from exc
 
 
 def _key_of(message: str) -> str:

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ from anyio.abc import TaskStatus
 from .buslock import BusLock
 from .config import Config, ConfigLoader
 from .consumer import return_expired
-from .errors import AlreadyRunning, ConfigError, ShuttingDown
+from .errors import AlreadyRunning, ConfigError, InvalidName, ShuttingDown
 from .journal import START
+from .model import check_agent_name
 from .recovery import recover_deliveries, write_checkpoint
 from .retention import gc
 from .router import Incoming, Router, RouteReport
@@ -44,7 +46,7 @@ from .service import Service
 from .status import collect
 from .watcher import watch
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "RateTracker"]
 
 _log = structlog.get_logger("busd.daemon")
 _CLI_LOCK_WAIT_S = 5.0
@@ -52,6 +54,54 @@ _GC_PERIOD_S = 60.0
 _SUBSCRIPTIONS_FILE = "subscriptions.json"
 _CHECKPOINT_PERIOD_S = 1.0
 _BATCH = 512
+
+
+class RateTracker:
+    """Counts per minute over the last 1 and 15 minutes, in one-second buckets.
+
+    ``add`` runs on the event loop, ``per_minute`` in a worker thread: a lock
+    guards the buckets. A rate is the count inside the window divided by the
+    window, or by the uptime when that is shorter (at least one minute), so a
+    young daemon does not look idle.
+    """
+
+    KINDS = ("accepted", "delivered", "dead_lettered")
+    WINDOWS = (("1m", 60.0), ("15m", 900.0))
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._buckets: deque[list[float]] = deque()  # [second, accepted, delivered, dead]
+        self._lock = threading.Lock()
+
+    def add(self, accepted: int = 0, delivered: int = 0, dead_lettered: int = 0) -> None:
+        """Count events that happened now."""
+        if not (accepted or delivered or dead_lettered):
+            return
+        second = float(int(self._clock()))
+        with self._lock:
+            if not self._buckets or self._buckets[-1][0] != second:
+                self._buckets.append([second, 0.0, 0.0, 0.0])
+            bucket = self._buckets[-1]
+            bucket[1] += accepted
+            bucket[2] += delivered
+            bucket[3] += dead_lettered
+            while self._buckets and self._buckets[0][0] <= second - self.WINDOWS[-1][1]:
+                self._buckets.popleft()
+
+    def per_minute(self) -> dict[str, dict[str, float]]:
+        """``{"accepted": {"1m": r, "15m": r}, "delivered": ..., "dead_lettered": ...}``."""
+        now = self._clock()
+        uptime = now - self._started
+        with self._lock:
+            buckets = list(self._buckets)
+        out: dict[str, dict[str, float]] = {kind: {} for kind in self.KINDS}
+        for label, window in self.WINDOWS:
+            inside = [b for b in buckets if b[0] > now - window]
+            minutes = min(window, max(uptime, 60.0)) / 60.0
+            for i, kind in enumerate(self.KINDS, start=1):
+                out[kind][label] = round(sum(b[i] for b in inside) / minutes, 3)
+        return out
 
 
 class Daemon:
@@ -66,6 +116,7 @@ class Daemon:
         self.notifier = Notifier()
         self.started_at = time.time()
         self.totals = RouteReport()
+        self.rates = RateTracker()
         self._router: Router | None = None
         self._lane = anyio.Lock()  # serialises every worker-thread use of the router
         self._dirty: set[Path] = set()
@@ -189,7 +240,8 @@ class Daemon:
         )
         report = self.router.route_all()
         write_checkpoint(self.router)
-        self.totals.add(report)
+        self._count(report)
+        self.rates.add(dead_lettered=len(expired.dead_lettered))
         return report
 
     # -- hooks for the socket service ------------------------------------------
@@ -221,9 +273,20 @@ class Daemon:
     def _runtime_subscriptions(self) -> dict[str, list[str]]:
         path = self.config.layout.root / _SUBSCRIPTIONS_FILE
         try:
-            return msgspec.json.decode(path.read_bytes(), type=dict[str, list[str]])
-        except (FileNotFoundError, msgspec.DecodeError):
+            data = msgspec.json.decode(path.read_bytes(), type=dict[str, list[str]])
+        except FileNotFoundError:
             return {}
+        except msgspec.DecodeError as exc:
+            _log.error("subscriptions_file_ignored", path=str(path), error=str(exc))
+            return {}
+        clean: dict[str, list[str]] = {}
+        for topic, agents in data.items():
+            try:
+                check_agent_name(topic, "topic")
+                clean[topic] = [check_agent_name(a) for a in agents]
+            except InvalidName as exc:
+                _log.error("subscription_ignored", topic=topic, error=exc.message)
+        return clean
 
     def _merged_subscriptions(self, config: Config) -> dict[str, list[str]]:
         merged = {topic: list(agents) for topic, agents in config.subscriptions.items()}
@@ -248,8 +311,14 @@ class Daemon:
                 "duplicates": t.duplicates,
                 "dead_lettered": t.dead_lettered,
             },
+            "rates_per_min": self.rates.per_minute(),
         }
         return collect(self.config, info)
+
+    def _count(self, report: RouteReport) -> None:
+        """Add a routing report to the totals and the rates."""
+        self.totals.add(report)
+        self.rates.add(report.accepted, report.delivered, report.dead_lettered)
 
     def _on_hints(self, hints: set[Path]) -> None:
         self._dirty |= hints
@@ -298,7 +367,7 @@ class Daemon:
                 # Never leave a publisher hanging: on failure their outcome stays None.
                 for _, done in publishes:
                     done.set()
-            self.totals.add(report)
+            self._count(report)
             self._notify_arrivals(report.recipients)
 
     def _route_pass(self, dirs: set[Path], full: bool, incoming: list[Incoming]) -> RouteReport:
@@ -320,6 +389,7 @@ class Daemon:
     async def _lease_pass(self) -> None:
         async with self._lane:
             expired = await anyio.to_thread.run_sync(return_expired, self.config)
+        self.rates.add(dead_lettered=len(expired.dead_lettered))
         if expired.returned:
             self._notify_arrivals(None)
         for name in expired.returned:

@@ -192,6 +192,8 @@ class Server:
             self.connections += 1
             try:
                 await Connection(self, stream).run()
+            except Exception as exc:  # noqa: BLE001 - one connection must never stop the listener
+                _log.exception("connection_failed", error=repr(exc), **peer)
             finally:
                 self.connections -= 1
 
@@ -274,6 +276,10 @@ class Connection:
         async def run() -> None:
             try:
                 await self.service.pushes(sub, push)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the subscriber went away; its claims come back after their leases
+            except Exception as exc:  # noqa: BLE001 - a subscriber must never take the server down
+                _log.exception("subscription_failed", agent=sub.agent_id, error=repr(exc))
             finally:
                 self.service.remove_subscription(sub)
 

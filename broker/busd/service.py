@@ -22,6 +22,8 @@ from .codec import decode, encode_json
 from .config import Config
 from .consumer import Claim, Consumer
 from .errors import BusdError, InvalidMessage, NotFound
+from .layout import parse_delivery_name
+from .model import check_agent_name
 from .protocol import (
     AckParams,
     AgentParams,
@@ -220,7 +222,7 @@ class Service:
             except NotFound as exc:
                 moved.append({"name": name, "status": "not_found", "detail": exc.message})
                 continue
-            moved.append(msgspec.to_builtins(result))
+            moved.append(msgspec.to_builtins(result, enc_hook=str))  # target is a Path
         self.daemon.request_scan()
         return {"replayed": moved}
 
@@ -228,6 +230,9 @@ class Service:
 
     def add_subscription(self, p: SubscribeParams) -> Subscription:
         """Register a subscriber (and its topics) for pushes."""
+        check_agent_name(p.agent_id)
+        for topic in p.topics or ():
+            check_agent_name(topic, "topic")
         sub = Subscription(p.agent_id, p.max_in_flight or self.config.max_in_flight)
         self.subscriptions.setdefault(p.agent_id, set()).add(sub)
         for topic in p.topics or ():
@@ -267,9 +272,12 @@ class Service:
 
     def _forget_returned(self, sub: Subscription) -> None:
         # Claims whose lease expired went back to the inbox: not in flight any more.
-        held = {p.name for p in self.config.layout.locks_dir(sub.agent_id).iterdir()}
-        gone = {mid for mid in sub.in_flight if not any(mid in name for name in held)}
-        sub.in_flight -= gone
+        held: set[str] = set()
+        for path in self.config.layout.locks_dir(sub.agent_id).iterdir():
+            parsed = parse_delivery_name(path.name)
+            if parsed is not None:
+                held.add(parsed.message_id)
+        sub.in_flight &= held
 
 
 def _replay_one(config: Config, name: str, p: ReplayParams) -> dlq.ReplayResult:
