@@ -176,7 +176,7 @@ def parse_request(line: bytes) -> Request:
         return _request_decoder.decode(line)
     except msgspec.ValidationError as exc:
         err = RpcError(INVALID_REQUEST, f"invalid request: {exc}", "invalid_request")
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:

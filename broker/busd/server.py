@@ -100,7 +100,7 @@ class _Lines:
                 line = bytes(self._buf[:i])
                 del self._buf[: i + 1]
                 self._scanned = 0
-                return self.TOO_LONG if skipping else line
+                return self.TOO_LONG if skipping or i > self.limit else line
             if len(self._buf) > self.limit:
                 skipping = True  # drop what we have; keep reading to the newline
                 self._buf.clear()
@@ -234,7 +234,13 @@ class Connection:
             tg.cancel_scope.cancel()
 
     async def answer(self, line: bytes, tg: TaskGroup) -> bytes | None:
+        """The answer line to one request line, or None for a notification.
+
+        JSON-RPC never answers a notification (a request without ``id``), even
+        when it fails; a line that does not parse is answered with ``id: null``.
+        """
         request_id: Any = None
+        notification = False
         try:
             if line == _Lines.TOO_LONG:
                 raise RpcError(
@@ -244,28 +250,31 @@ class Connection:
                     {"limit": self.lines.limit},
                 )
             req = parse_request(line)
-            request_id = None if req.id is msgspec.UNSET else req.id
-            if req.method == "subscribe":
-                await self.subscribe(parse_params(req.params, SubscribeParams), tg)
-                result: Any = {"subscribed": True}
-            else:
-                entry = self.service.methods.get(req.method)
-                if entry is None:
-                    raise RpcError(
-                        METHOD_NOT_FOUND, f"no method {req.method!r}", "method_not_found"
-                    )
-                kind, handler = entry
-                result = await handler(parse_params(req.params, kind))
-            if req.id is msgspec.UNSET:
-                return None  # a notification gets no answer
-            return encode_result(request_id, result)
+            notification = req.id is msgspec.UNSET
+            request_id = None if notification else req.id
+            result = await self.dispatch(req.method, req.params, tg)
+            return None if notification else encode_result(request_id, result)
         except RpcError as err:
-            return encode_error(err, request_id)
+            answer = encode_error(err, request_id)
         except BusdError as exc:
-            return encode_error(error_from_exception(exc), request_id)
+            answer = encode_error(error_from_exception(exc), request_id)
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the connection
             _log.exception("request_failed", error=repr(exc))
-            return encode_error(RpcError(INTERNAL_ERROR, "internal error", "internal"), request_id)
+            answer = encode_error(
+                RpcError(INTERNAL_ERROR, "internal error", "internal"), request_id
+            )
+        return None if notification else answer
+
+    async def dispatch(self, method: str, params: msgspec.Raw, tg: TaskGroup) -> Any:
+        """Run ``method`` with ``params``; raise :class:`RpcError` or a busd error."""
+        if method == "subscribe":
+            await self.subscribe(parse_params(params, SubscribeParams), tg)
+            return {"subscribed": True}
+        entry = self.service.methods.get(method)
+        if entry is None:
+            raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}", "method_not_found")
+        kind, handler = entry
+        return await handler(parse_params(params, kind))
 
     async def subscribe(self, params: SubscribeParams, tg: TaskGroup) -> None:
         sub = self.service.add_subscription(params)

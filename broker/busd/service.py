@@ -128,6 +128,7 @@ class Service:
             sender=sender,
             original_path="socket",
         )
+        self.daemon.totals.dead_lettered += 1
         _log.warning("message_dead_lettered", source="socket", reason=exc.reason.value, name=name)
 
     async def publish(self, p: PublishParams) -> dict[str, Any]:
