@@ -144,6 +144,7 @@ class Server:
         if inherited is not None:
             name = inherited.getsockname()
             self.path = Path(name if isinstance(name, str) else os.fsdecode(name))
+            self._record_path()
             return inherited
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
@@ -158,10 +159,16 @@ class Server:
             os.umask(old)
         sock.listen(1024)
         sock.setblocking(False)
-        default = self.config.layout.root / "busd.sock"
-        if self.path != default:
-            (self.config.layout.root / PATH_FILE).write_text(str(self.path) + "\n")
+        self._record_path()
         return sock
+
+    def _record_path(self) -> None:
+        # Clients look at <root>/busd.sock first, then at the path recorded here.
+        record = self.config.layout.root / PATH_FILE
+        if self.path != self.config.layout.root / "busd.sock":
+            record.write_text(str(self.path) + "\n")
+        else:
+            record.unlink(missing_ok=True)
 
     def _allowed(self, stream: SocketStream) -> tuple[bool, dict[str, int]]:
         raw: socket.socket = stream.extra(SocketAttribute.raw_socket)  # noqa: S610

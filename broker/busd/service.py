@@ -112,6 +112,8 @@ class Service:
     async def _incoming(self, raw: msgspec.Raw, sender: str | None) -> Incoming:
         """Validate one published message; a refused one is dead-lettered, then raised."""
         data = bytes(raw)
+        if sender is not None:
+            check_agent_name(sender, "sender")
         try:
             msg = decode(data, fill_missing=True, max_bytes=self.config.max_message_bytes)
         except InvalidMessage as exc:
