@@ -151,3 +151,29 @@ def test_watchdog_and_stop_timeout_fit_the_daemon() -> None:
     for unit in (SYSTEM_UNIT, USER_UNIT):
         directives = _service_section(unit)
         assert int(directives["TimeoutStopSec"][0]) > default_shutdown
+
+
+def test_socket_unit_verifies(tmp_path: Path) -> None:
+    """systemd/busd.socket verifies beside the service it activates."""
+    service = tmp_path / "busd.service"
+    service.write_text(
+        SYSTEM_UNIT.read_text(encoding="utf-8").replace(ASSUMED_BINARY[SYSTEM_UNIT], str(BUSD)),
+        encoding="utf-8",
+    )
+    socket_unit = UNITS / "busd.socket"
+    text = socket_unit.read_text(encoding="utf-8")
+    assert "ListenStream=/var/lib/busd/busd.sock" in text and "SocketMode=0600" in text
+    copy = tmp_path / "busd.socket"
+    copy.write_text(text, encoding="utf-8")
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (CI installs the systemd package)")
+    proc = subprocess.run(
+        [analyze, "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "busd." in line]
+    assert not ours, "\n".join(ours)
