@@ -1,5 +1,7 @@
 """The local socket: where it lives, who may connect, and how lines are read.
 
+On Windows the endpoint is a named pipe (see :mod:`busd.winpipe`); elsewhere:
+
 Endpoint: ``<root>/busd.sock`` (mode 0600, inside the 0700 root). When that path
 is longer than the 107 bytes ``sun_path`` holds, the socket lives at
 ``$XDG_RUNTIME_DIR/busd/<hash of root>.sock`` (or the temp dir) and its path is
@@ -20,6 +22,7 @@ import hashlib
 import os
 import socket
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,14 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.abc import (
+    ByteStream,
+    SocketAttribute,
+    SocketListener,
+    SocketStream,
+    TaskGroup,
+    TaskStatus,
+)
 
 from .config import Config
 from .consumer import Claim
@@ -46,6 +56,7 @@ from .protocol import (
     parse_request,
 )
 from .service import Service, claim_payload
+from .winpipe import PipeListener
 
 __all__ = ["ENVELOPE_BYTES", "PATH_FILE", "Server", "socket_path"]
 
@@ -85,7 +96,7 @@ class _Lines:
 
     TOO_LONG = b"\0too long"
 
-    def __init__(self, stream: SocketStream, limit: int) -> None:
+    def __init__(self, stream: ByteStream, limit: int) -> None:
         self._stream = stream
         self.limit = limit
         self._buf = bytearray()
@@ -123,6 +134,12 @@ class Server:
 
     async def serve(self, *, task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (or adopt the inherited socket), report the path, serve until cancelled."""
+        if sys.platform == "win32":  # pragma: no cover - the named pipe transport
+            pipes = PipeListener(self.config.layout.root)
+            self.path = Path(pipes.name)
+            task_status.started(self.path)
+            await pipes.serve(self._handle)
+            return
         sock = await anyio.to_thread.run_sync(self._listen)
         listener = await SocketListener.from_socket(sock)
         try:
@@ -170,7 +187,9 @@ class Server:
         else:
             record.unlink(missing_ok=True)
 
-    def _allowed(self, stream: SocketStream) -> tuple[bool, dict[str, int]]:
+    def _allowed(self, stream: ByteStream) -> tuple[bool, dict[str, int]]:
+        if not isinstance(stream, SocketStream):
+            return True, {}  # a named pipe: its DACL already admits only the owner
         raw: socket.socket = stream.extra(SocketAttribute.raw_socket)  # noqa: S610
         fmt = "3i"
         data = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
@@ -181,7 +200,7 @@ class Server:
         )
         return ok, peer
 
-    async def _handle(self, stream: SocketStream) -> None:
+    async def _handle(self, stream: ByteStream) -> None:
         async with stream:
             if self.connections >= self.config.max_connections:
                 exc: BusdError = Overloaded(
@@ -205,7 +224,7 @@ class Server:
                 self.connections -= 1
 
 
-async def _send_quietly(stream: SocketStream, data: bytes) -> None:
+async def _send_quietly(stream: ByteStream, data: bytes) -> None:
     try:
         await stream.send(data)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -215,7 +234,7 @@ async def _send_quietly(stream: SocketStream, data: bytes) -> None:
 class Connection:
     """One client: requests answered in order; pushes interleaved under a send lock."""
 
-    def __init__(self, server: Server, stream: SocketStream) -> None:
+    def __init__(self, server: Server, stream: ByteStream) -> None:
         self.server = server
         self.service = server.service
         self.stream = stream
