@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -25,7 +25,7 @@ from .consumer import Consumer, return_expired
 from .daemon import Daemon
 from .delivery import publish
 from .errors import BusdError
-from .journal import Journal, JournalEntry, encode_entry
+from .journal import JournalEntry
 from .layout import init_bus
 from .recovery import route_pending
 from .retention import gc
@@ -232,46 +232,6 @@ def _entry_line(entry: JournalEntry) -> str:
     return " ".join(parts)
 
 
-@app.command()
-def tail(
-    ctx: typer.Context,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new entries.")
-    ] = False,
-    since: Annotated[
-        str | None, typer.Option("--since", help="Start after this message_id.")
-    ] = None,
-    root: RootOpt = None,
-    config: ConfigOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Print the journal: what was accepted, duplicated and dead-lettered.
-
-    Example: busd tail --json | jq .message_id
-    """
-    cfg = _load(ctx, root, config)
-    render: Callable[[JournalEntry], None]
-    if json_out:
-
-        def render(e: JournalEntry) -> None:
-            sys.stdout.buffer.write(encode_entry(e) + b"\n")
-    else:
-
-        def render(e: JournalEntry) -> None:
-            sys.stdout.write(_entry_line(e) + "\n")
-
-    with _errors(), Journal(cfg.layout.journal) as journal:
-        entries = journal.follow(since) if follow else journal.read(since)
-        try:
-            for entry in entries:
-                render(entry)
-                if follow:
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
-    sys.stdout.flush()
-
-
 @app.command("gc")
 def gc_command(
     ctx: typer.Context,
@@ -347,3 +307,7 @@ def main() -> None:
     # A bus is private to its owner: every file busd creates is 0600, every directory 0700.
     os.umask(0o077)
     app()
+
+
+# Registers the operator commands (status, dlq, replay, tail, doctor) on app.
+from . import cli_ops  # noqa: E402, F401

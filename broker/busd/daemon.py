@@ -172,7 +172,6 @@ class Daemon:
                 await self._stop.wait()
                 _log.info("daemon_stopping")
                 self.notifier.send("STOPPING=1")
-                self._arm_force_timer()
                 self._watch_stop.set()
                 # Cancelling waits for a worker thread in flight: the batch
                 # being routed finishes its journal fsync and deliveries.
@@ -221,6 +220,10 @@ class Daemon:
                 self._stop_signals += 1
                 if self._stop_signals > 1 and signum == signal.SIGINT:
                     self._force()
+                if self._force_timer is None:
+                    # Armed here, not when the main task notices: a stop during a long
+                    # start-up recovery must still end within the shutdown timeout.
+                    self._arm_force_timer()
                 self._stop.set()
 
     # -- work ---------------------------------------------------------------

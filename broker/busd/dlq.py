@@ -31,7 +31,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -428,11 +428,18 @@ def _age_s(record: ReasonRecord, fallback: float, now: float) -> float:
     return now - at
 
 
-def purge(layout: Layout, *, older_than_s: float, now: float | None = None) -> list[str]:
+def purge(
+    layout: Layout,
+    *,
+    older_than_s: float,
+    now: float | None = None,
+    on_purged: Callable[[str], None] | None = None,
+) -> list[str]:
     """Remove entries whose last failure is older than ``older_than_s``; return their names.
 
     Also prunes ``replayed/`` records and orphan data files (no record, older
     than ``max(older_than_s, 1 h)`` by ctime, which a rename into the DLQ sets).
+    ``on_purged`` is called with each entry name once it is gone (progress display).
     """
     now = time.time() if now is None else now
     purged: list[str] = []
@@ -444,6 +451,8 @@ def purge(layout: Layout, *, older_than_s: float, now: float | None = None) -> l
                     os.unlink(rpath)
                     _remove(entry.path)
                     purged.append(entry.name)
+                    if on_purged is not None:
+                        on_purged(entry.name)
         # Data without a record is a crash between the two writes; only old ones go, so
         # an in-progress dead_letter is never raced. ctime: the rename into the DLQ sets it.
         names = set(os.listdir(layout.dlq))

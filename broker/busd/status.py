@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -35,14 +36,44 @@ def _oldest_age(names: list[str], now: float) -> float | None:
     return None
 
 
+def _newest_arrival(*name_lists: list[str]) -> float | None:
+    # The arrival key of a delivery name is when the router delivered it; sorted
+    # lists end with the newest, so only the last parseable name of each counts.
+    newest: float | None = None
+    for names in name_lists:
+        for name in reversed(names):
+            parsed = parse_delivery_name(name)
+            if parsed is not None:
+                at = int(parsed.arrival) / 1e9
+                newest = at if newest is None else max(newest, at)
+                break
+    return newest
+
+
+def _oldest_mtime(directory: Path, names: list[str]) -> float | None:
+    # Outbox names are free-form, so arrival order is not name order: stat them all
+    # (one stat per waiting file; still no reads).
+    oldest: float | None = None
+    for name in names:
+        mtime = _mtime(directory / name)
+        if mtime is not None and (oldest is None or mtime < oldest):
+            oldest = mtime
+    return oldest
+
+
 def collect(config: Config, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``busd status --json`` prints; ``daemon`` is None when none runs."""
     layout = config.layout
     now = time.time()
     agents: dict[str, Any] = {}
+    oldest_outbox: float | None = None
     for agent in layout.agents():
         ready = _names(layout.inbox_dir(agent))
         claimed = _names(layout.locks_dir(agent))
+        outbox = _names(layout.outbox_dir(agent))
+        waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
+        if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
+            oldest_outbox = waiting
         redelivered = sum(
             1 for n in ready if (p := parse_delivery_name(n)) is not None and p.deliveries > 0
         )
@@ -52,7 +83,9 @@ def collect(config: Config, daemon: dict[str, Any] | None = None) -> dict[str, A
             "max_in_flight": config.max_in_flight,
             "redelivered": redelivered,
             "oldest_ready_age_s": _oldest_age(ready, now),
-            "outbox": len(_names(layout.outbox_dir(agent))),
+            "outbox": len(outbox),
+            "outbox_oldest_age_s": None if waiting is None else round(now - waiting, 3),
+            "last_delivery_at": _newest_arrival(ready, claimed),
             "last_ack_at": _mtime(layout.ledger(agent)),
         }
     reasons: Counter[str] = Counter()
@@ -71,6 +104,7 @@ def collect(config: Config, daemon: dict[str, Any] | None = None) -> dict[str, A
         "daemon": daemon or {"running": False},
         "agents": agents,
         "outbox_backlog": sum(a["outbox"] for a in agents.values()),
+        "outbox_oldest_age_s": None if oldest_outbox is None else round(now - oldest_outbox, 3),
         "dlq": {
             "entries": sum(reasons.values()),
             "by_reason": dict(sorted(reasons.items())),
