@@ -7,6 +7,7 @@ sysexits-style code from :data:`EXIT_CODES`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import anyio
 import msgspec
 import typer
 
-from . import __version__, logs
+from . import __version__, logs, rpc
 from .codec import decode, encode_json, encode_markdown
 from .config import Config, ConfigLoader, parse_text_value
 from .consumer import Consumer, return_expired
@@ -159,15 +160,25 @@ def send(
     Example: echo '{"schema_version":"1.0",...}' | busd send --from alice -
     """
     cfg = _load(ctx, root, config)
+    out: dict[str, Any]
     with _errors():
         data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
         msg = decode(data, fill_missing=True, max_bytes=cfg.max_message_bytes)
-        path = publish(cfg, msg, sender=sender, fsync=not no_fsync)
-        report = route_pending(cfg)
+        try:
+            # The daemon answers after its journal fsync, sharing it with other publishers.
+            params = {"message": msgspec.json.decode(encode_json(msg)), "sender": sender}
+            result = rpc.call(cfg, "publish", params)
+            out = {"message_id": result["message_id"], "duplicate": result["duplicate"]}
+            out["via"] = "socket"
+        except rpc.DaemonNotRunning:
+            path = publish(cfg, msg, sender=sender, fsync=not no_fsync)
+            report = route_pending(cfg)
+            out = {"message_id": msg.message_id, "duplicate": False, "via": "file"}
+            out.update(path=str(path), routed=report is not None)
     if json_out:
-        _print_json({"message_id": msg.message_id, "path": str(path), "routed": report is not None})
+        _print_json(out)
     else:
-        typer.echo(msg.message_id)
+        typer.echo(out["message_id"])
 
 
 @app.command()
@@ -186,14 +197,16 @@ def recv(
     """
     cfg = _load(ctx, root, config)
     with _errors():
-        route_pending(cfg)
-        return_expired(cfg, agent)
-        claims = Consumer(cfg, agent).claim(max_)
-    for claim in claims:
-        if json_out:
-            sys.stdout.buffer.write(encode_json(claim.message) + b"\n")
-        else:
-            sys.stdout.buffer.write(encode_markdown(claim.message) + b"\n")
+        try:
+            result = rpc.call(cfg, "fetch", {"agent_id": agent, "max": max_})
+            messages = [decode(json.dumps(m["message"]).encode()) for m in result["messages"]]
+        except rpc.DaemonNotRunning:
+            route_pending(cfg)
+            return_expired(cfg, agent)
+            messages = [c.message for c in Consumer(cfg, agent).claim(max_)]
+    for msg in messages:
+        encode = encode_json if json_out else encode_markdown
+        sys.stdout.buffer.write(encode(msg) + b"\n")
     sys.stdout.flush()
 
 
@@ -212,7 +225,10 @@ def ack(
     """
     cfg = _load(ctx, root, config)
     with _errors():
-        n = Consumer(cfg, agent).ack(message_ids)
+        try:
+            n = rpc.call(cfg, "ack", {"agent_id": agent, "message_ids": message_ids})["acked"]
+        except rpc.DaemonNotRunning:
+            n = Consumer(cfg, agent).ack(message_ids)
     if json_out:
         _print_json({"acked": n})
     else:
