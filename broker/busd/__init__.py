@@ -5,11 +5,8 @@ bus, and the modules documented in docs/internals.md. Agents should use the
 ``busclient`` library in clients/python instead.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 __all__ = ["__version__"]
 
-try:
-    __version__ = version("busd")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+# The single source of the version: pyproject.toml reads it from here, and a
+# constant costs nothing at import, unlike importlib.metadata (~20 ms).
+__version__ = "0.1.0"

@@ -23,7 +23,6 @@ from . import __version__, logs, rpc
 from .codec import decode, encode_json, encode_markdown
 from .config import Config, ConfigLoader, parse_text_value
 from .consumer import Consumer, return_expired
-from .daemon import Daemon
 from .delivery import publish
 from .errors import BusdError
 from .journal import JournalEntry
@@ -314,6 +313,8 @@ def run(
         logs.configure(cfg.log_level, cfg.log_format)
         if not cfg.layout.is_initialized():
             _fail("not_found", f"no bus at {cfg.root} (run `busd init {cfg.root}`)")
+        from .daemon import Daemon  # only `run` needs the server stack: keep other commands fast
+
         daemon = Daemon(loader, on_force_exit=lambda: os._exit(EXIT_FORCED))
         anyio.run(daemon.run)
 

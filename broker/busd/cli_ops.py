@@ -35,13 +35,12 @@ import typer
 from . import __version__, dlq, rpc
 from .cli import ConfigOpt, JsonOpt, RootOpt, _entry_line, _errors, _load, _print_json, app
 from .codec import decode, encode_markdown
-from .config import Config
+from .config import Config, socket_path
 from .doctor import diagnose
 from .errors import BusdError, InvalidMessage, NotFound
 from .journal import Journal, JournalEntry, Position, encode_entry
 from .model import check_agent_name
 from .recovery import route_pending
-from .server import socket_path
 from .status import collect
 
 __all__ = [

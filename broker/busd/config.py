@@ -12,8 +12,10 @@ where it came from, so a typo stops start-up instead of being ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,11 +29,13 @@ from .layout import Layout
 
 __all__ = [
     "ENV_PREFIX",
+    "PATH_FILE",
     "Config",
     "ConfigLoader",
     "find_root",
     "load_config",
     "parse_text_value",
+    "socket_path",
 ]
 
 ENV_PREFIX = "BUSD_"
@@ -252,3 +256,20 @@ def load_config(
 ) -> Config:
     """Shortcut for ``ConfigLoader(...).load()``; ``flags`` are keys set on the command line."""
     return ConfigLoader(root, config_file, flags, env, cwd).load()
+
+
+PATH_FILE = "busd.sock.path"
+"""File in the root recording the socket path when it is not ``<root>/busd.sock``."""
+_SUN_PATH_MAX = 107
+
+
+def socket_path(config: Config) -> Path:
+    """Where the daemon of ``config`` listens (``socket_path`` overrides)."""
+    if config.socket_path:
+        return Path(config.socket_path)
+    default = config.layout.root / "busd.sock"
+    if len(os.fsencode(default)) <= _SUN_PATH_MAX:
+        return default
+    digest = hashlib.sha256(os.fsencode(config.layout.root)).hexdigest()[:16]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / "busd" / f"{digest}.sock"

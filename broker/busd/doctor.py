@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .buslock import BusLock
-from .config import Config
+from .config import PATH_FILE, Config
 from .consumer import return_expired
 from .layout import init_bus
 from .retention import TMP_MAX_AGE_S
 from .rpc import endpoints
-from .server import PATH_FILE
 
 __all__ = [
     "CHECKS",

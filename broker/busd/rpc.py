@@ -2,7 +2,7 @@
 
 One request per connection: connect, send one line, read lines until the answer
 with our id arrives (pushed notifications are skipped), close. The daemon is
-found at :func:`busd.server.socket_path` first, then at the path written in
+found at :func:`busd.config.socket_path` first, then at the path written in
 ``<root>/busd.sock.path`` (a long root puts the socket elsewhere).
 
 Errors come back as :class:`~busd.errors.BusdError` subclasses, so the CLI
@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import errors
-from .config import Config
+from .config import PATH_FILE, Config, socket_path
 from .errors import BusdError, InvalidMessage, Reason
-from .server import PATH_FILE, socket_path
 
 __all__ = [
     "DaemonNotRunning",

@@ -18,12 +18,10 @@ stalls itself (the kernel buffer fills and we stop reading from it).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ from anyio.abc import (
     TaskStatus,
 )
 
-from .config import Config
+from .config import PATH_FILE, Config, socket_path
 from .consumer import Claim
 from .errors import BusdError, Forbidden, Overloaded
 from .protocol import (
@@ -62,21 +60,7 @@ __all__ = ["ENVELOPE_BYTES", "PATH_FILE", "Server", "socket_path"]
 
 _log = structlog.get_logger("busd.server")
 ENVELOPE_BYTES = 64 * 1024
-PATH_FILE = "busd.sock.path"
-_SUN_PATH_MAX = 107
 _SD_LISTEN_FDS_START = 3
-
-
-def socket_path(config: Config) -> Path:
-    """Where the daemon of ``config`` listens (``socket_path`` overrides)."""
-    if config.socket_path:
-        return Path(config.socket_path)
-    default = config.layout.root / "busd.sock"
-    if len(os.fsencode(default)) <= _SUN_PATH_MAX:
-        return default
-    digest = hashlib.sha256(os.fsencode(config.layout.root)).hexdigest()[:16]
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / "busd" / f"{digest}.sock"
 
 
 def _inherited_socket() -> socket.socket | None:
