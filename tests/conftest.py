@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from busd.config import Config, load_config
 from busd.layout import Layout, init_bus
+from daemon_harness import Daemon
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,20 @@ class Bus:
     def with_config(self, **overrides: Any) -> Config:
         """A Config for the same root with some keys set as if by command-line flags."""
         return load_config(root=str(self.root), env={}, **overrides)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A fresh, initialised bus root."""
+    return init_bus(tmp_path / "bus").root
+
+
+@pytest.fixture
+def daemon(root: Path) -> Iterator[Daemon]:
+    """A running ``busd run`` on ``root`` (default config), killed at the end of the test."""
+    d = Daemon(root).ready()
+    yield d
+    d.kill()
 
 
 @pytest.fixture

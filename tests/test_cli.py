@@ -21,7 +21,7 @@ from busd.cli import app
 from busd.codec import decode
 from busd.config import load_config
 from busd.journal import Journal
-from busd.layout import Layout, init_bus
+from busd.layout import Layout
 from busd.recovery import route_pending
 from conftest import message_dict, run_python
 
@@ -108,12 +108,6 @@ def inbox(root: Path, agent: str) -> list[Path]:
     """Delivered (ready) files in inbox/<agent>/, sorted."""
     d = root / "inbox" / agent
     return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """An initialised bus root (made in-process: init itself is tested separately)."""
-    return init_bus(tmp_path / "bus").root
 
 
 def test_version(tmp_path: Path) -> None:

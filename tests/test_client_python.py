@@ -51,12 +51,6 @@ def _no_busd_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A fresh bus root."""
-    return init_bus(tmp_path / "bus").root
-
-
 @contextmanager
 def running(root: Path, **env: str) -> Iterator[Daemon]:
     """A daemon on ``root`` for the duration of the block."""

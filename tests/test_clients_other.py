@@ -36,12 +36,6 @@ needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (CI 
 needs_socat = pytest.mark.skipif(SOCAT is None, reason="socat is not installed (apt-get socat)")
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A fresh bus root."""
-    return init_bus(tmp_path / "bus").root
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
     env.update(extra)

@@ -13,24 +13,10 @@ from pathlib import Path
 import pytest
 
 from busd.journal import Journal
-from busd.layout import init_bus, parse_delivery_name
+from busd.layout import parse_delivery_name
 from daemon_harness import BUSD, Daemon, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A fresh bus root."""
-    return init_bus(tmp_path / "bus").root
-
-
-@pytest.fixture
-def daemon(root: Path):
-    """A running daemon on ``root``, stopped at the end of the test."""
-    d = Daemon(root).ready()
-    yield d
-    d.kill()
 
 
 def _ids(directory: Path) -> list[str]:

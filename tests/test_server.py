@@ -40,20 +40,6 @@ LINE_LIMIT = SMALL_MAX + ENVELOPE_BYTES
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A fresh bus root."""
-    return init_bus(tmp_path / "bus").root
-
-
-@pytest.fixture
-def daemon(root: Path):
-    """A running daemon on ``root`` (default config), killed at the end of the test."""
-    d = Daemon(root).ready()
-    yield d
-    d.kill()
-
-
-@pytest.fixture
 def rpc(daemon: Daemon, root: Path):
     """A connection to the daemon of ``root``."""
     with Rpc(root / "busd.sock") as c:
