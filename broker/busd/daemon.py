@@ -363,25 +363,30 @@ class Daemon:
             self._dirty, self._full_scan = set(), False
             publishes, self._publishes = self._publishes, []
             incoming = [item for items, _ in publishes for item in items]
+            report = RouteReport()
             try:
                 async with self._lane:
-                    report = await anyio.to_thread.run_sync(self._route_pass, dirs, full, incoming)
+                    paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
+                    for i in range(0, max(len(paths), 1), _BATCH):
+                        # Socket publishes ride with the first batch: one fsync for all.
+                        batch = await anyio.to_thread.run_sync(
+                            self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
+                        )
+                        self._count(batch.report)
+                        if i == 0:
+                            # Durable now: answer before the inbox files are written.
+                            _release(publishes)
+                        report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
             finally:
                 # Never leave a publisher hanging: on failure their outcome stays None.
-                for _, done in publishes:
-                    done.set()
-            self._count(report)
-            self._notify_arrivals(report.recipients)
+                _release(publishes)
+                self._count(report)
+                self._notify_arrivals(report.recipients)
 
-    def _route_pass(self, dirs: set[Path], full: bool, incoming: list[Incoming]) -> RouteReport:
+    def _scan(self, dirs: set[Path], full: bool) -> list[Path]:
         router = self.router
         router.dedupe.expire()
-        paths = router.scan() if full else router.scan_dirs(dirs)
-        report = RouteReport()
-        for i in range(0, max(len(paths), 1), _BATCH):
-            # Socket publishes ride with the first batch: one journal fsync for all.
-            report.add(router.route(paths[i : i + _BATCH], incoming if i == 0 else ()))
-        return report
+        return router.scan() if full else router.scan_dirs(dirs)
 
     async def _checkpoint(self) -> None:
         router = self.router
@@ -455,3 +460,8 @@ class Daemon:
 
 def _replace_root(config: Config, root: str) -> Config:
     return msgspec.structs.replace(config, root=root)
+
+
+def _release(publishes: list[tuple[list[Incoming], anyio.Event]]) -> None:
+    for _, done in publishes:
+        done.set()

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +36,7 @@ from . import dlq
 from .codec import decode, encode_json
 from .config import Config
 from .dedupe import DedupeIndex
-from .delivery import arrival_clock, deliver, sync_dirs
+from .delivery import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
 from .errors import BusdError, InvalidMessage, InvalidName, Reason, Unroutable
 from .fsio import read_limited, rename_noreplace
 from .journal import Journal, JournalEntry, Position
@@ -43,10 +44,12 @@ from .layout import delivery_name, parse_delivery_name
 from .ledger import ProcessedLedger
 from .model import Message, check_agent_name, dedupe_key, effective_recipients
 
-__all__ = ["Incoming", "RouteReport", "Router"]
+__all__ = ["Batch", "Incoming", "RouteReport", "Router"]
 
 _log = structlog.get_logger("busd.router")
 _BATCH = 512
+_PARALLEL_FROM = 4  # deliveries in a batch before a pool of writers pays off
+_WRITERS = 4
 
 
 class RouteReport(msgspec.Struct, kw_only=True):
@@ -79,6 +82,16 @@ class Incoming:
 
 
 @dataclass(slots=True)
+class Batch:
+    """A committed batch awaiting :meth:`Router.finish`."""
+
+    report: RouteReport = field(default_factory=lambda: RouteReport())
+    accepted: list[_Item] = field(default_factory=list)
+    redo: list[_Item] = field(default_factory=list)
+    removals: list[Path] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class _Item:
     msg: Message
     body: bytes
@@ -107,6 +120,7 @@ class Router:
         }
         self.position: Position = self.journal.end_position()
         self.unsynced: list[Path] = []
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Router:
         return self
@@ -117,7 +131,9 @@ class Router:
         self.close()
 
     def close(self) -> None:
-        """Close the journal writer."""
+        """Close the journal writer and the delivery threads."""
+        if self._pool is not None:
+            self._pool.shutdown()
         self.journal.close()
 
     # -- scanning ---------------------------------------------------------
@@ -161,15 +177,25 @@ class Router:
     def route(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> RouteReport:
         """Route one batch of files and in-memory messages as one group commit.
 
-        Each :class:`Incoming` gets its ``outcome`` set: ``"accepted"``,
-        ``"duplicate"`` or the :class:`BusdError` that refused it.
+        The same as :meth:`commit` followed by :meth:`finish`.
         """
-        report = RouteReport()
+        batch = self.commit(paths, incoming)
+        report = batch.report
+        report.add(self.finish(batch))
+        return report
+
+    def commit(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> Batch:
+        """Validate, deduplicate and journal a batch: ONE journal write and fsync.
+
+        When this returns, every accepted message is durable and each
+        :class:`Incoming` has its ``outcome``: ``"accepted"``, ``"duplicate"`` or
+        the :class:`BusdError` that refused it. Deliveries wait for :meth:`finish`,
+        which must follow before the next ``commit`` (sources are still in place).
+        """
+        batch = Batch()
+        report = batch.report
         entries: list[JournalEntry] = []
-        accepted: list[_Item] = []
-        redo: list[_Item] = []
-        removals: list[Path] = []
-        batch: set[str] = set()
+        keys: set[str] = set()
         now = datetime.now(UTC)
         items = [i for p in paths if (i := self._read(p, entries, report, now)) is not None]
         items.extend(self._take(inc, entries, report, now) for inc in incoming)
@@ -182,43 +208,73 @@ class Router:
             # duplicate even under another idempotency key (it would share file names).
             seen = self.dedupe.get(key) or self.dedupe.get(mid)
             if item.rel is not None and seen is not None and seen.source == item.rel:
-                redo.append(item)
-            elif seen is not None or key in batch or mid in batch:
+                batch.redo.append(item)
+            elif seen is not None or key in keys or mid in keys:
                 entries.append(_entry("duplicate", now, item.msg, item.rel, item.recipients))
                 report.duplicates += 1
                 if item.path is not None:
-                    removals.append(item.path)
+                    batch.removals.append(item.path)
                 if item.incoming is not None:
                     item.incoming.outcome = "duplicate"
             else:
-                batch.update((key, mid))
+                keys.update((key, mid))
                 entry = _entry("accepted", now, item.msg, item.rel, item.recipients)
                 entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(item.body)))
-                accepted.append(item)
+                batch.accepted.append(item)
         if entries:
             self.position = self.journal.append(entries)
         stamp = time.time()
-        for item in accepted:
+        for item in batch.accepted:
             self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
             if item.msg.idempotency_key is not None:
                 self.dedupe.add(item.msg.message_id, item.msg.message_id, item.rel, stamp)
-        for item in accepted:
-            self._deliver(item)
-            report.accepted += 1
-            report.delivered += len(item.recipients or ())
             if item.incoming is not None:
                 item.incoming.outcome = "accepted"
+            report.accepted += 1
+            report.delivered += len(item.recipients or ())
+        return batch
+
+    def finish(self, batch: Batch) -> RouteReport:
+        """Deliver a committed batch, then remove its sources.
+
+        Returns what only this step adds (``redone``, ``recipients``); the
+        counts of what was accepted are in ``batch.report`` from :meth:`commit`.
+
+        Delivery files are created by a few threads at once: on disks where each
+        file creation is a slow metadata round trip, that overlaps the waits.
+        Names (arrival keys) are drawn here in order first, so listing order is
+        still arrival order whatever order the threads finish in.
+        """
+        report = RouteReport()
+        jobs: list[tuple[str, bytes, str, str]] = []
+        for item in batch.accepted:
+            self._deliver(item, jobs)
             _log.info("message_accepted", message_id=item.msg.message_id, to=item.recipients)
-        for item in redo:
-            self._redo(item)
+        for item in batch.redo:
+            self._redo(item, jobs)
             report.redone += 1
-        for item in (*accepted, *redo):
+        self._write(jobs)
+        for item in (*batch.accepted, *batch.redo):
             if item.path is not None and item.path.parent.parent != self.layout.inbox:
-                removals.append(item.path)
-        for path in removals:
+                batch.removals.append(item.path)
+        for path in batch.removals:
             _unlink(path)
-        report.recipients.update(r for item in accepted for r in item.recipients or ())
+        report.recipients.update(r for item in batch.accepted for r in item.recipients or ())
         return report
+
+    def _write(self, jobs: list[tuple[str, bytes, str, str]]) -> None:
+        def one(job: tuple[str, bytes, str, str]) -> Path:
+            agent, body, message_id, arrival = job
+            return deliver(self.layout, agent, body, message_id, arrival=arrival)
+
+        for agent in {job[0] for job in jobs}:
+            ensure_agent_dirs(self.layout, agent)
+        if len(jobs) < _PARALLEL_FROM:
+            self.unsynced.extend(one(job) for job in jobs)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="busd-deliver")
+        self.unsynced.extend(self._pool.map(one, jobs))
 
     def _read(
         self, path: Path, entries: list[JournalEntry], report: RouteReport, now: datetime
@@ -285,7 +341,7 @@ class Router:
                 raise Unroutable(f"unknown recipient(s): {', '.join(unknown)}")
         return out
 
-    def _deliver(self, item: _Item) -> None:
+    def _deliver(self, item: _Item, jobs: list[tuple[str, bytes, str, str]]) -> None:
         path = item.path
         if path is not None and path.parent.parent == self.layout.inbox:
             # A producer wrote straight into the inbox: validated and journaled
@@ -298,21 +354,23 @@ class Router:
             self.unsynced.append(target)
             return
         for r in item.recipients or ():
-            self.unsynced.append(deliver(self.layout, r, item.body, item.msg.message_id))
+            jobs.append((r, item.body, item.msg.message_id, arrival_clock.next()))
 
-    def _redo(self, item: _Item) -> None:
+    def _redo(self, item: _Item, jobs: list[tuple[str, bytes, str, str]]) -> None:
         """Finish a pass that died after the journal append: deliver what is missing."""
         if item.path is not None and item.path.parent.parent == self.layout.inbox:
-            self._deliver(item)
+            self._deliver(item, jobs)
             return
         missing = [r for r in item.recipients or () if not self.has(r, item.msg, len(item.body))]
         if missing:
-            self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None))
+            self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None), jobs)
         _log.info("message_redelivered_after_crash", message_id=item.msg.message_id, to=missing)
 
     def deliver_again(self, msg: Message, body: bytes, recipients: list[str]) -> None:
         """Deliver an already-journaled message to ``recipients`` (recovery)."""
-        self._deliver(_Item(msg, body, recipients, None, None, None))
+        jobs: list[tuple[str, bytes, str, str]] = []
+        self._deliver(_Item(msg, body, recipients, None, None, None), jobs)
+        self._write(jobs)
 
     def has(self, agent: str, msg: Message, size: int | None = None) -> bool:
         """Whether ``agent`` has ``msg``: ready, claimed (of ``size`` bytes), or acked."""
