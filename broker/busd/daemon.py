@@ -129,6 +129,7 @@ class Daemon:
         self._force_timer: threading.Timer | None = None
         self._publishes: list[tuple[list[Incoming], anyio.Event]] = []
         self._arrivals: dict[str, anyio.Event] = {}
+        self._finishing: anyio.Event | None = None
         self._checkpointed = START
         self.socket: Path | None = None
 
@@ -343,6 +344,17 @@ class Daemon:
         self._wake.set()
         await done.wait()
 
+    async def settled(self) -> None:
+        """Return once deliveries of every publish answered so far are in the inboxes.
+
+        Publishers are answered after the journal fsync, before their inbox files
+        exist; a fetch waits here first, so a consumer always sees what was
+        acknowledged to a producer before it asked (read your writes).
+        """
+        finishing = self._finishing
+        if finishing is not None:
+            await finishing.wait()
+
     async def wait_for_delivery(self, agent: str, timeout: float) -> None:
         """Return when something may have arrived for ``agent``, or after ``timeout``."""
         event = self._arrivals.setdefault(agent, anyio.Event())
@@ -366,17 +378,24 @@ class Daemon:
             report = RouteReport()
             try:
                 async with self._lane:
-                    paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
+                    paths: list[Path] = []
+                    if dirs or full:  # socket-only passes skip a worker-thread round trip
+                        paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
                     for i in range(0, max(len(paths), 1), _BATCH):
                         # Socket publishes ride with the first batch: one fsync for all.
                         batch = await anyio.to_thread.run_sync(
                             self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
                         )
                         self._count(batch.report)
+                        finishing = self._finishing = anyio.Event()
                         if i == 0:
                             # Durable now: answer before the inbox files are written.
                             _release(publishes)
-                        report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
+                        try:
+                            report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
+                        finally:
+                            self._finishing = None
+                            finishing.set()
             finally:
                 # Never leave a publisher hanging: on failure their outcome stays None.
                 _release(publishes)
@@ -385,8 +404,10 @@ class Daemon:
 
     def _scan(self, dirs: set[Path], full: bool) -> list[Path]:
         router = self.router
-        router.dedupe.expire()
-        return router.scan() if full else router.scan_dirs(dirs)
+        if full:
+            router.dedupe.expire()  # on the slow timer: often enough for a 7-day window
+            return router.scan()
+        return router.scan_dirs(dirs)
 
     async def _checkpoint(self) -> None:
         router = self.router

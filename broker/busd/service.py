@@ -163,6 +163,7 @@ class Service:
     async def fetch(self, p: FetchParams) -> dict[str, Any]:
         consumer = self._consumer(p.agent_id)
         deadline = time.monotonic() + p.wait_s
+        await self.daemon.settled()
         while True:
             claims = await anyio.to_thread.run_sync(consumer.claim, p.max)
             remaining = deadline - time.monotonic()
