@@ -106,14 +106,21 @@ def deliver(
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:
-    """fsync each distinct file and then each distinct parent directory once."""
+    """fsync each distinct file and then each distinct parent directory once.
+
+    A file that is gone (a consumer claimed or acked it meanwhile) is skipped:
+    its bytes are the claimer's business now, and its directory is still synced.
+    """
     dirs: set[Path] = set()
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        dirs.add(path.parent)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dirs.add(path.parent)
     for d in dirs:
         fsync_dir(d)

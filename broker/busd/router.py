@@ -146,7 +146,7 @@ class Router:
         found = [p for d in _subdirs(self.layout.outbox) for p in _entries(d)]
         found.extend(p for p in _entries(self.layout.outbox) if not p.is_dir())
         for d in _subdirs(self.layout.inbox):
-            found.extend(p for p in _entries(d) if parse_delivery_name(p.name) is None)
+            found.extend(_foreign(d))
         return found
 
     def scan_dirs(self, dirs: set[Path]) -> list[Path]:
@@ -156,10 +156,7 @@ class Router:
             if d == self.layout.outbox:
                 found.extend(p for p in _entries(d) if not p.is_dir())
                 continue
-            entries = _entries(d)
-            if d.parent == self.layout.inbox:
-                entries = [p for p in entries if parse_delivery_name(p.name) is None]
-            found.extend(entries)
+            found.extend(_foreign(d) if d.parent == self.layout.inbox else _entries(d))
         return found
 
     def route_all(self) -> RouteReport:
@@ -387,7 +384,7 @@ class Router:
     def sync(self) -> None:
         """Make every delivery since the last call durable (files, then directories)."""
         if self.unsynced and self.config.fsync:
-            sync_dirs(p for p in self.unsynced if p.exists())
+            sync_dirs(self.unsynced)
         self.unsynced.clear()
 
     def _dead_letter(
@@ -477,6 +474,24 @@ def _entries(directory: Path) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return [directory / n for n in names]
+
+
+def _foreign(directory: Path) -> list[Path]:
+    """Files of an inbox without a delivery name (dropped there by a producer).
+
+    Filtered before sorting: an inbox may hold 100,000 delivered files, and only
+    the few foreign ones need an order.
+    """
+    try:
+        with os.scandir(directory) as it:
+            names = [
+                e.name
+                for e in it
+                if not e.name.startswith(".") and parse_delivery_name(e.name) is None
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [directory / n for n in sorted(names)]
 
 
 def _unlink(path: Path) -> None:

@@ -81,6 +81,7 @@ class Service:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.subscriptions: dict[str, set[Subscription]] = {}
+        self._consumers: dict[str, Consumer] = {}
         self.methods: dict[str, tuple[type[Any], Callable[[Any], Awaitable[Any]]]] = {
             "ping": (AgentParams, self.ping),
             "publish": (PublishParams, self.publish),
@@ -100,7 +101,11 @@ class Service:
         return self.daemon.config
 
     def _consumer(self, agent_id: str) -> Consumer:
-        return Consumer(self.config, agent_id)
+        # One per agent: its processed ledger is read once, then only what is appended.
+        consumer = self._consumers.get(agent_id)
+        if consumer is None or consumer.config is not self.config:
+            consumer = self._consumers[agent_id] = Consumer(self.config, agent_id)
+        return consumer
 
     async def ping(self, _: AgentParams) -> dict[str, Any]:
         return {
