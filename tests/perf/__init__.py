@@ -1,0 +1,1 @@
+"""The busd benchmark against its peers (``make bench``); not collected by pytest."""
