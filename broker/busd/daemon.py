@@ -34,7 +34,14 @@ from anyio.abc import TaskStatus
 from .buslock import BusLock
 from .config import Config, ConfigLoader
 from .consumer import return_expired
-from .errors import AlreadyRunning, ConfigError, InvalidName, ShuttingDown
+from .errors import (
+    AlreadyRunning,
+    BusdError,
+    ConfigError,
+    InvalidName,
+    ShuttingDown,
+    StorageError,
+)
 from .journal import START
 from .model import check_agent_name
 from .recovery import recover_deliveries, write_checkpoint
@@ -130,6 +137,7 @@ class Daemon:
         self._publishes: list[tuple[list[Incoming], anyio.Event]] = []
         self._arrivals: dict[str, anyio.Event] = {}
         self._finishing: anyio.Event | None = None
+        self._recover_needed = False
         self._checkpointed = START
         self.socket: Path | None = None
 
@@ -146,10 +154,15 @@ class Daemon:
         lock = BusLock(self.config.layout, role="daemon")
         await anyio.to_thread.run_sync(self._acquire, lock)
         try:
+            # Built before the task group: a start-up failure (say, an unreadable
+            # journal) then leaves as a plain error the CLI can explain, not a group.
+            try:
+                self._router = await anyio.to_thread.run_sync(Router, self.config)
+            except PermissionError as exc:
+                raise StorageError(f"cannot read the bus: {exc}", path=exc.filename) from exc
+            self._router.subscriptions = self._merged_subscriptions(self.config)
             async with anyio.create_task_group() as tg:
                 await tg.start(self._signals)
-                self._router = await anyio.to_thread.run_sync(Router, self.config)
-                self._router.subscriptions = self._merged_subscriptions(self.config)
                 # Bound before "ready": a bind error stops start-up with a clear message.
                 self.socket = await tg.start(Server(self.config, Service(self)).serve)
                 tg.start_soon(watch, self.config, self._on_hints, self._watch_stop)
@@ -368,39 +381,69 @@ class Daemon:
                 event.set()
 
     async def _route_loop(self) -> None:
+        backoff = 0.0
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
             dirs, full = self._dirty, self._full_scan
             self._dirty, self._full_scan = set(), False
             publishes, self._publishes = self._publishes, []
-            incoming = [item for items, _ in publishes for item in items]
-            report = RouteReport()
             try:
-                async with self._lane:
-                    paths: list[Path] = []
-                    if dirs or full:  # socket-only passes skip a worker-thread round trip
-                        paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
-                    for i in range(0, max(len(paths), 1), _BATCH):
-                        # Socket publishes ride with the first batch: one fsync for all.
-                        batch = await anyio.to_thread.run_sync(
-                            self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
-                        )
-                        self._count(batch.report)
-                        finishing = self._finishing = anyio.Event()
-                        if i == 0:
-                            # Durable now: answer before the inbox files are written.
-                            _release(publishes)
-                        try:
-                            report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
-                        finally:
-                            self._finishing = None
-                            finishing.set()
-            finally:
-                # Never leave a publisher hanging: on failure their outcome stays None.
+                await self._route_once(dirs, full, publishes)
+                backoff = 0.0
+            except (BusdError, OSError) as exc:
+                # Disk full, read-only, permissions: nothing accepted is lost (sources
+                # stay in the outboxes; a journaled batch is redone), publishers get
+                # the error, and the pass is retried with a growing pause.
+                error = exc if isinstance(exc, BusdError) else _storage_error(exc)
+                for items, _ in publishes:
+                    for item in items:
+                        if item.outcome is None:
+                            item.outcome = error
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                _log.error("route_pass_failed", error=str(exc), retry_in_s=backoff)
+                self._recover_needed = True
                 _release(publishes)
-                self._count(report)
-                self._notify_arrivals(report.recipients)
+                self._full_scan = True
+                await anyio.sleep(backoff)
+                self._wake.set()
+            finally:
+                # Never leave a publisher hanging.
+                _release(publishes)
+
+    async def _route_once(
+        self, dirs: set[Path], full: bool, publishes: list[tuple[list[Incoming], anyio.Event]]
+    ) -> None:
+        incoming = [item for items, _ in publishes for item in items]
+        report = RouteReport()
+        try:
+            async with self._lane:
+                if self._recover_needed:
+                    # A pass failed after its journal append: socket publishes have no
+                    # outbox file to redo from, so deliver them from the journal.
+                    await anyio.to_thread.run_sync(recover_deliveries, self.router)
+                    self._recover_needed = False
+                paths: list[Path] = []
+                if dirs or full:  # socket-only passes skip a worker-thread round trip
+                    paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
+                for i in range(0, max(len(paths), 1), _BATCH):
+                    # Socket publishes ride with the first batch: one fsync for all.
+                    batch = await anyio.to_thread.run_sync(
+                        self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
+                    )
+                    self._count(batch.report)
+                    finishing = self._finishing = anyio.Event()
+                    if i == 0:
+                        # Durable now: answer before the inbox files are written.
+                        _release(publishes)
+                    try:
+                        report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
+                    finally:
+                        self._finishing = None
+                        finishing.set()
+        finally:
+            self._count(report)
+            self._notify_arrivals(report.recipients)
 
     def _scan(self, dirs: set[Path], full: bool) -> list[Path]:
         router = self.router
@@ -411,9 +454,12 @@ class Daemon:
 
     async def _checkpoint(self) -> None:
         router = self.router
-        if router.unsynced or router.position != self._checkpointed:
-            async with self._lane:
-                self._checkpointed = await anyio.to_thread.run_sync(write_checkpoint, router)
+        if router.unsynced or router.delivered != self._checkpointed:
+            try:
+                async with self._lane:
+                    self._checkpointed = await anyio.to_thread.run_sync(write_checkpoint, router)
+            except OSError as exc:  # disk full or read-only: recovery covers the gap
+                _log.error("checkpoint_failed", error=str(exc))
 
     async def _lease_pass(self) -> None:
         async with self._lane:
@@ -481,6 +527,10 @@ class Daemon:
 
 def _replace_root(config: Config, root: str) -> Config:
     return msgspec.structs.replace(config, root=root)
+
+
+def _storage_error(exc: OSError) -> StorageError:
+    return StorageError(f"the bus cannot be written: {exc.strerror or exc}", errno=exc.errno)
 
 
 def _release(publishes: list[tuple[list[Incoming], anyio.Event]]) -> None:

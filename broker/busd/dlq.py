@@ -125,6 +125,9 @@ class ReplayResult:
     detail: str = ""
 
 
+_HASH_MAX_BYTES = 64 << 20  # above the largest message limit anyone sets; bigger is not read
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -145,16 +148,26 @@ def _encode(record: ReasonRecord) -> bytes:
     return msgspec.json.encode(record) + b"\n"
 
 
-def _hash_regular(path: Path) -> tuple[int, str | None]:
-    """Size and sha256 of ``path`` if it is a regular file (fsynced), else ``(0, None)``."""
+def _hash_regular(path: Path, limit: int = _HASH_MAX_BYTES) -> tuple[int, str | None]:
+    """Size and sha256 of ``path`` if it is a regular file (fsynced), else ``(0, None)``.
+
+    The file is made 0600 (a producer's 0644 file must not stay readable in the
+    DLQ). A file larger than ``limit`` is neither read nor hashed: its size is
+    recorded with ``sha256`` null, so a planted huge file costs no I/O.
+    """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
     except OSError:
         return 0, None  # a symlink (ELOOP), a directory, a socket: never read
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return 0, None
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        if st.st_size > limit:
+            return st.st_size, None
         digest = hashlib.sha256()
         size = 0
         while chunk := os.read(fd, 1 << 20):
@@ -199,12 +212,19 @@ def _write_replacing(directory: Path, name: str, data: bytes, tmp_dir: Path) -> 
     fsync_dir(directory)
 
 
+_ENTRY_NAME = re.compile(r"[0-9]{20}-[A-Za-z0-9._-]{1,200}")
+_RECORD_MAX_BYTES = 64 * 1024  # a reason record is small; never load a planted giant
+
+
 def _load_record(path: Path) -> ReasonRecord | None:
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_limited(path, _RECORD_MAX_BYTES)
     except FileNotFoundError:
         return None
+    except InvalidMessage as exc:
+        raise StorageError(
+            f"unreadable DLQ record {path.name}: {exc.detail}", path=str(path)
+        ) from exc
     try:
         return msgspec.json.decode(raw, type=ReasonRecord)
     except msgspec.DecodeError as exc:
@@ -303,8 +323,8 @@ def list_entries(
 
 def load(layout: Layout, name: str) -> DlqEntry:
     """The entry ``name``; :class:`NotFound` if it has no record (never was, or replayed)."""
-    if "/" in name or "\\" in name or name.startswith(".") or not name:
-        raise NotFound(f"no DLQ entry {name!r}", name=name)
+    if not _ENTRY_NAME.fullmatch(name):
+        raise NotFound(f"no DLQ entry {name!r}", name=name[:200])
     record = _load_record(_record_path(layout, name))
     if record is None:
         raise NotFound(f"no DLQ entry {name!r}", name=name)

@@ -94,6 +94,8 @@ def decode_entry(line: bytes) -> JournalEntry:
         schema = isinstance(exc, msgspec.ValidationError)
         reason = Reason.SCHEMA if schema else Reason.INVALID_JSON
         raise InvalidMessage(reason, f"journal line: {exc}") from exc
+    except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 inside a string
+        raise InvalidMessage(Reason.INVALID_UTF8, f"journal line: {exc}") from exc
     raw = entry.message
     if raw is not None and len(raw) == 4 and bytes(raw) == b"null":
         msgspec.structs.force_setattr(entry, "message", None)

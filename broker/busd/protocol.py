@@ -56,6 +56,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 
 RequestId = int | str | None
+_YEAR_S = 366 * 86400.0  # leases and delays beyond a year are mistakes, not plans
 _T = TypeVar("_T")
 _Agent = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
@@ -120,7 +121,7 @@ class NackParams(_Params):
 
     agent_id: _Agent
     message_id: str
-    delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=_YEAR_S)] = 0.0
 
 
 class ExtendParams(_Params):
@@ -128,7 +129,7 @@ class ExtendParams(_Params):
 
     agent_id: _Agent
     message_id: str
-    lease_s: Annotated[float, msgspec.Meta(gt=0)]
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_S)]
 
 
 class SubscribeParams(_Params):
@@ -175,6 +176,14 @@ def parse_request(line: bytes) -> Request:
     try:
         return _request_decoder.decode(line)
     except msgspec.ValidationError as exc:
+        # msgspec skips unknown keys without checking their UTF-8: a refused
+        # envelope that is not UTF-8 is a parse error. (Bad bytes inside a valid
+        # request's message are the codec's to judge, and reach the DLQ.)
+        if not line.isascii():
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RpcError(PARSE_ERROR, "request is not valid UTF-8", "invalid_utf8") from exc
         err = RpcError(INVALID_REQUEST, f"invalid request: {exc}", "invalid_request")
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
         try:
@@ -187,7 +196,7 @@ def parse_request(line: bytes) -> Request:
         probe = msgspec.json.decode(line)
         if isinstance(probe, dict) and isinstance(probe.get("id"), int | str):
             err.id = probe["id"]
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         pass
     raise err
 

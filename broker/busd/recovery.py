@@ -59,15 +59,19 @@ def write_checkpoint(router: Router) -> Position:
     covers exactly the deliveries just synced.
     """
     router.sync()
-    position = router.position
+    position = router.delivered
     directory = router.layout.journal
     tmp = directory / f".{tmp_name()}"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.encode(position))
-        if router.config.fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, directory / CHECKPOINT_NAME)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(msgspec.json.encode(position))
+            if router.config.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, directory / CHECKPOINT_NAME)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     if router.config.fsync:
         fsync_dir(directory)
     return position
@@ -104,6 +108,7 @@ def recover_deliveries(router: Router) -> int:
         router.deliver_again(msg, body, missing)
         redelivered += len(missing)
         _log.info("message_recovered_from_journal", message_id=msg.message_id, to=missing)
+    router.delivered = router.position  # everything journaled is now delivered
     write_checkpoint(router)
     return redelivered
 

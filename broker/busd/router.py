@@ -39,7 +39,7 @@ from .dedupe import DedupeIndex
 from .delivery import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
 from .errors import BusdError, InvalidMessage, InvalidName, Reason, Unroutable
 from .fsio import read_limited, rename_noreplace
-from .journal import Journal, JournalEntry, Position
+from .journal import START, Journal, JournalEntry, Position
 from .layout import delivery_name, parse_delivery_name
 from .ledger import ProcessedLedger
 from .model import Message, check_agent_name, dedupe_key, effective_recipients
@@ -89,6 +89,7 @@ class Batch:
     accepted: list[_Item] = field(default_factory=list)
     redo: list[_Item] = field(default_factory=list)
     removals: list[Path] = field(default_factory=list)
+    position: Position = START
 
 
 @dataclass(slots=True)
@@ -119,6 +120,9 @@ class Router:
             topic: list(agents) for topic, agents in config.subscriptions.items()
         }
         self.position: Position = self.journal.end_position()
+        # The journal position up to which every accepted message was delivered
+        # (files written, maybe not yet synced): what a checkpoint may cover.
+        self.delivered: Position = self.position
         self.unsynced: list[Path] = []
         self._pool: ThreadPoolExecutor | None = None
 
@@ -220,6 +224,7 @@ class Router:
                 batch.accepted.append(item)
         if entries:
             self.position = self.journal.append(entries)
+        batch.position = self.position
         stamp = time.time()
         for item in batch.accepted:
             self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
@@ -256,6 +261,8 @@ class Router:
                 batch.removals.append(item.path)
         for path in batch.removals:
             _unlink(path)
+        # Only now may a checkpoint cover this batch: its deliveries all exist.
+        self.delivered = max(self.delivered, batch.position)
         report.recipients.update(r for item in batch.accepted for r in item.recipients or ())
         return report
 
