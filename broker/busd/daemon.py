@@ -338,6 +338,10 @@ class Daemon:
         self.rates.add(report.accepted, report.delivered, report.dead_lettered)
 
     def _on_hints(self, hints: set[Path]) -> None:
+        root = self.config.layout.root
+        if root in hints:  # the watcher lost track: scan everything
+            hints = hints - {root}
+            self._full_scan = True
         self._dirty |= hints
         self._wake.set()
 

@@ -40,6 +40,7 @@ class Reason(enum.StrEnum):
     UNROUTABLE = "unroutable"
     DELIVERY_LIMIT = "delivery_limit"
     REJECTED = "rejected"
+    UNREADABLE = "unreadable"
 
 
 class BusdError(Exception):

@@ -193,6 +193,10 @@ def read_limited(path: Path, max_bytes: int) -> bytes:
             ) from exc
         if isinstance(exc, IsADirectoryError):
             raise InvalidMessage(Reason.NOT_A_REGULAR_FILE, f"{path.name} is a directory") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise InvalidMessage(
+                Reason.UNREADABLE, f"{path.name} may not be read by busd (permission denied)"
+            ) from exc
         if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket or a device without driver
             kind = _kind(os.lstat(path).st_mode)
             raise InvalidMessage(Reason.NOT_A_REGULAR_FILE, f"{path.name} is a {kind}") from exc

@@ -284,6 +284,10 @@ class Router:
         self, path: Path, entries: list[JournalEntry], report: RouteReport, now: datetime
     ) -> _Item | None:
         rel = path.relative_to(self.layout.root).as_posix()
+        name_ok = _utf8(rel)
+        if not name_ok:
+            # Journal lines and reason records are UTF-8: keep a readable form.
+            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         in_inbox = path.parent.parent == self.layout.inbox
         owner = path.parent.name if path.parent != self.layout.outbox else None
         # An inbox file's directory names its recipient; an outbox file's, its sender.
@@ -291,6 +295,8 @@ class Router:
         limit = self.config.max_message_bytes
         msg: Message | None = None
         try:
+            if not name_ok:
+                raise InvalidMessage(Reason.INVALID_UTF8, f"file name {rel!r} is not UTF-8")
             data = read_limited(path, limit)
             msg = decode(data, max_bytes=limit)
             # The journal and the inbox hold canonical JSON; a Markdown message can
@@ -419,6 +425,7 @@ class Router:
             sender=sender,
             recipient=recipient,
             message_id=msg.message_id if msg else None,
+            original_path=rel,
         )
         _log.warning("message_dead_lettered", source=rel, reason=reason.value, detail=detail)
         return JournalEntry(
@@ -438,6 +445,14 @@ def _complete(path: Path, config: Config) -> bool:
     try:
         decode(read_limited(path, config.max_message_bytes))
     except (InvalidMessage, OSError):
+        return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
         return False
     return True
 

@@ -68,10 +68,30 @@ async def watch(config: Config, on_hints: Callable[[set[Path]], None], stop: any
     The watch is established synchronously on the first iteration, so a
     daemon that starts this task before its start-up scan misses no file:
     anything dropped during the scan raises an event afterwards.
+
+    It never ends the daemon: when the native watcher cannot be created (no
+    inotify instance left) or fails (a path it cannot decode), it logs a warning,
+    asks for a full scan and carries on, switching to polling after a failure.
     """
+    polling = config.force_polling
+    while not stop.is_set():
+        try:
+            await _watch_once(config, on_hints, stop, polling)
+            return
+        except Exception as exc:  # noqa: BLE001 - watching is a hint; routing goes on
+            _log.warning("watcher_failed", error=str(exc), fallback="polling")
+            on_hints({config.layout.root})  # the root means: scan everything
+            polling = True
+            with anyio.move_on_after(1.0):
+                await stop.wait()
+
+
+async def _watch_once(
+    config: Config, on_hints: Callable[[set[Path]], None], stop: anyio.Event, polling: bool
+) -> None:
     layout = config.layout
     outbox, inbox = str(layout.outbox) + os.sep, str(layout.inbox) + os.sep
-    _log.info("watcher_starting", mode="polling" if config.force_polling else "native")
+    _log.info("watcher_starting", mode="polling" if polling else "native")
     watcher = watchfiles.awatch(
         layout.outbox,
         layout.inbox,
@@ -79,7 +99,7 @@ async def watch(config: Config, on_hints: Callable[[set[Path]], None], stop: any
         debounce=config.watch_debounce_ms,
         step=config.watch_step_ms,
         stop_event=stop,
-        force_polling=config.force_polling or None,
+        force_polling=polling or None,
         poll_delay_ms=100,
         rust_timeout=5000,
         recursive=True,

@@ -3,7 +3,9 @@
 Targets, chosen by the first byte: the message decoder (JSON and Markdown + YAML), the
 JSON-RPC request parser, and the journal line decoder. Each may only succeed or raise its
 documented error. A crash is written by libFuzzer as ``crash-<sha1>``; turn it into an
-``@example`` in tests/chaos/test_fuzz.py (and an xfail regression test until fixed).
+``@example`` in tests/chaos/test_fuzz.py and a regression test (strict xfail until fixed).
+Its first find, invalid UTF-8 inside a journal string, is
+test_fuzz.py::test_journal_line_with_invalid_utf8_is_skipped.
 
     python tests/chaos/fuzz_atheris.py -max_total_time=300 [corpus_dir]
 """
@@ -46,19 +48,6 @@ _SEEDS = [
 ]
 
 
-def _known_bug(line: bytes) -> bool:
-    """Known crashes, skipped so the fuzzer looks for new ones (BUSD_FUZZ_KNOWN=1 shows
-    them): parse_request and decode_entry let UnicodeDecodeError out for invalid UTF-8
-    (tests/chaos/test_fuzz.py, the two xfail regression tests)."""
-    if os.environ.get("BUSD_FUZZ_KNOWN"):
-        return False
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return False
-
-
 def one_input(data: bytes) -> None:
     if not data:
         return
@@ -73,17 +62,11 @@ def one_input(data: bytes) -> None:
             parse_request(body)
         except RpcError:
             pass
-        except UnicodeDecodeError:
-            if not _known_bug(body):
-                raise
     else:
         try:
             decode_entry(body)
         except InvalidMessage:
             pass
-        except UnicodeDecodeError:  # known: test_journal_line_with_invalid_utf8_is_skipped
-            if os.environ.get("BUSD_FUZZ_KNOWN"):
-                raise
 
 
 def main() -> None:

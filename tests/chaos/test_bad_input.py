@@ -340,13 +340,6 @@ def test_oversized_file_is_not_read_past_the_limit(tmp_path: Path) -> None:
         d.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file name that is not UTF-8 kills the daemon: watchfiles raises "
-    "WatchfilesRustInternalError ('Unable to decode path') out of busd/watcher.py watch(), and "
-    "Router.commit -> journal.encode_entry raises UnicodeEncodeError on the surrogate-escaped "
-    "'source' (the DLQ record write fails the same way)",
-)
 def test_file_name_that_is_not_utf8_is_handled(tmp_path: Path) -> None:
     """A message in ``outbox/alice/\\xff\\xfe.json``: routed or dead-lettered, daemon alive."""
     root = init_bus(tmp_path / "bus").root
@@ -689,13 +682,6 @@ def test_absurd_lease_or_delay_is_invalid_params(shared_conn, value: float) -> N
         c("ack", {"agent_id": "bob", "message_ids": ids})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router.Router.commit: the 'source' of a file whose name is not UTF-8 holds "
-    "surrogate escapes; journal.encode_entry (msgspec) raises UnicodeEncodeError for it, so "
-    "the whole batch (every other file in it too) fails on every pass; dlq.dead_letter's "
-    "record encode fails the same way and leaves an orphan data file",
-)
 def test_router_handles_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     """Daemon-less routing pass over an outbox holding a non-UTF-8 name and a normal file."""
     from busd.config import load_config

@@ -247,13 +247,6 @@ def _file_consumer(root: Path, stop: threading.Event, obs: Observed, agent: str)
             time.sleep(0.05)
 
 
-# The daemon dies by itself when a consumer claims a delivery between router.sync()'s
-# exists() and sync_dirs()'s open(): xfail test_claim_during_a_checkpoint_does_not_kill_...
-# The loop counts such deaths (one more kill, as far as the guarantees go) and fails on any
-# other.
-_KNOWN_CRASH = "in sync_dirs"
-
-
 def _ready_or_dead(d: ChaosDaemon) -> bool:
     """Wait for ``daemon_ready``; False if the daemon died first."""
     try:
@@ -282,7 +275,6 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
         threading.Thread(target=_file_consumer, args=(root, consume, obs, "carol")),
     ]
     crashes: list[str] = []
-    known_crashes = 0
     killed_before_ready = 0
     started = time.monotonic()
     for t in (*producers, *consumers):
@@ -299,18 +291,11 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
                 time.sleep(rng.uniform(0.05, 1.0))
             if not d.alive():
                 d.kill()
-                if _KNOWN_CRASH in d.stderr_text():
-                    known_crashes += 1  # see test_claim_during_a_checkpoint_..., an xfail
-                else:
-                    crashes.append(d.stderr_text()[-2000:])
+                crashes.append(d.stderr_text()[-2000:])
             killed_before_ready += not d.events("daemon_ready")
             d.kill()
-        for _ in range(5):  # the last start must not hit the known crash either
-            d = ChaosDaemon(root, env=ENV)
-            if _ready_or_dead(d):
-                break
-            known_crashes += _KNOWN_CRASH in d.stderr_text()
-        assert d.alive(), d.stderr_text()[-2000:]
+        d = ChaosDaemon(root, env=ENV)
+        assert _ready_or_dead(d), d.stderr_text()[-2000:]
         time.sleep(0.5)
         produce.set()
         for t in producers:
@@ -357,7 +342,7 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
         seed=seed,
         kills=KILLS,
         kills_before_ready=killed_before_ready,
-        known_sync_race_crashes=known_crashes,
+        daemon_deaths=len(crashes),
         acknowledged=len(must),
         **{f"acknowledged_{k}": v for k, v in sorted(by_how.items())},
         unanswered=len(obs.uncertain),

@@ -288,13 +288,6 @@ def test_unwritable_journal_at_start_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @_needs_setpriv
-@pytest.mark.xfail(
-    strict=True,
-    reason="an outbox file busd may not read (EACCES) kills the daemon: fsio.read_limited "
-    "(busd/fsio.py, os.open) raises PermissionError, which router.Router._read does not "
-    "catch (only FileNotFoundError, InvalidMessage, Unroutable, InvalidName); the routing "
-    "pass fails, the daemon exits, and the same file stops every restart",
-)
 def test_unreadable_file_in_an_outbox_is_dead_lettered(tmp_path: Path) -> None:
     """A file owned by another user, mode 0600, with the daemon not allowed to read it:
     dead-lettered with a reason (or left with a warning), the daemon stays up."""
@@ -465,13 +458,6 @@ def test_inotify_watch_limit_warns_and_polls(tmp_path: Path) -> None:
 
 
 @_needs_userns
-@pytest.mark.xfail(
-    strict=True,
-    reason="when no inotify instance is left (max_user_instances, 128 by default, shared by "
-    "every process of the user) watchfiles raises WatchfilesRustInternalError('Error creating "
-    "recommended watcher: Too many open files') from busd/watcher.py watch(); it ends the "
-    "daemon's task group right after daemon_ready instead of falling back to polling",
-)
 def test_inotify_instance_limit_falls_back_to_polling(tmp_path: Path) -> None:
     """No inotify instance available: the daemon warns, polls, and routes files."""
     root = init_bus(tmp_path / "bus").root
