@@ -151,6 +151,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Serve until a stop signal; raise :class:`AlreadyRunning` if the bus is taken."""
+        _raise_fd_limit()
         lock = BusLock(self.config.layout, role="daemon")
         await anyio.to_thread.run_sync(self._acquire, lock)
         try:
@@ -531,6 +532,21 @@ class Daemon:
 
 def _replace_root(config: Config, root: str) -> Config:
     return msgspec.structs.replace(config, root=root)
+
+
+def _raise_fd_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: each client costs a descriptor."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep what we have; accept errors are survived anyway
 
 
 def _storage_error(exc: OSError) -> StorageError:

@@ -18,6 +18,7 @@ stalls itself (the kernel buffer fills and we stop reading from it).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -61,6 +62,7 @@ __all__ = ["ENVELOPE_BYTES", "PATH_FILE", "Server", "socket_path"]
 _log = structlog.get_logger("busd.server")
 ENVELOPE_BYTES = 64 * 1024
 _SD_LISTEN_FDS_START = 3
+_TRANSIENT_ACCEPT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _inherited_socket() -> socket.socket | None:
@@ -130,7 +132,7 @@ class Server:
             async with listener:
                 task_status.started(self.path)
                 _log.info("socket_listening", path=str(self.path))
-                await listener.serve(self._handle)
+                await self._accept_forever(listener)
         finally:
             if self._owns_path:
                 for p in (self.path, self.config.layout.root / PATH_FILE):
@@ -138,6 +140,26 @@ class Server:
                         p.unlink()
                     except FileNotFoundError:
                         pass
+
+    async def _accept_forever(self, listener: SocketListener) -> None:
+        """Accept clients until cancelled; running out of descriptors only pauses it.
+
+        anyio's own ``serve`` ends on any accept error; EMFILE/ENFILE (a flood of
+        clients, a low ``ulimit -n``) must refuse new clients for a moment, not
+        stop the broker.
+        """
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (anyio.BrokenResourceError, OSError) as exc:
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError) or cause.errno not in _TRANSIENT_ACCEPT:
+                        raise
+                    _log.warning("accept_failed", error=str(cause), retry_in_s=0.1)
+                    await anyio.sleep(0.1)
+                    continue
+                tg.start_soon(self._handle, stream)
 
     def _listen(self) -> socket.socket:
         inherited = _inherited_socket()

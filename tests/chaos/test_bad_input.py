@@ -472,13 +472,6 @@ def _try_ping(root: Path) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EMFILE on accept kills the daemon: anyio's UNIXSocketListener.accept turns it into "
-    "BrokenResourceError, which leaves Server.serve (busd/server.py, listener.serve) and the "
-    "daemon's task group; with systemd's default soft limit of 1024 fds and the default "
-    "max_connections=1024 a connection flood takes the broker down",
-)
 def test_running_out_of_file_descriptors_refuses_instead_of_dying(root: Path) -> None:
     """With RLIMIT_NOFILE 256 (< max_connections), 400 connections: the daemon survives."""
     d = ChaosDaemon(root, nofile=256).ready()

@@ -436,12 +436,6 @@ def test_inotify_watch_limit_still_routes_every_file(tmp_path: Path) -> None:
 
 
 @_needs_userns
-@pytest.mark.xfail(
-    strict=True,
-    reason="past the inotify watch limit watchfiles silently leaves directories unwatched and "
-    "busd/watcher.py never notices: no warning, no switch to polling; files there wait for "
-    "the periodic re-scan (rescan_interval_seconds)",
-)
 def test_inotify_watch_limit_warns_and_polls(tmp_path: Path) -> None:
     """Past the watch limit the daemon warns and polls: files arrive without the re-scan."""
     root = init_bus(tmp_path / "bus").root
