@@ -53,6 +53,26 @@ def files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
 
 
+def delivered_ids(directory: Path) -> list[str]:
+    """Message ids of the delivery files in ``directory``, in listing (arrival) order."""
+    from busd.layout import parse_delivery_name
+
+    out = []
+    for p in files(directory):
+        parsed = parse_delivery_name(p.name)
+        assert parsed is not None, p.name
+        out.append(parsed.message_id)
+    return out
+
+
+def journal_ids(root: Path, event: str = "accepted") -> list[str]:
+    """Message ids of the journal entries of ``event``, in append order."""
+    from busd.journal import Journal
+
+    with Journal(root / "journal") as j:
+        return [e.message_id for e in j.read(events=(event,)) if e.message_id]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``predicate`` until truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -12,25 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from busd.journal import Journal
-from busd.layout import parse_delivery_name
-from daemon_harness import BUSD, Daemon, drop, files, message, wait_for
+from daemon_harness import BUSD, Daemon, delivered_ids, drop, files, journal_ids, message, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _ids(directory: Path) -> list[str]:
-    out = []
-    for p in files(directory):
-        parsed = parse_delivery_name(p.name)
-        assert parsed is not None, p.name
-        out.append(parsed.message_id)
-    return out
-
-
-def _journal_ids(root: Path, event: str = "accepted") -> list[str]:
-    with Journal(root / "journal") as j:
-        return [e.message_id for e in j.read(events=(event,)) if e.message_id]
+_ids = delivered_ids
+_journal_ids = journal_ids
 
 
 def test_shell_drop_is_routed(root: Path, daemon: Daemon) -> None:

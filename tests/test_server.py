@@ -28,9 +28,9 @@ import pytest
 from _rpc import Rpc, RpcFailure
 from busd import __version__
 from busd.journal import Journal
-from busd.layout import init_bus, parse_delivery_name
+from busd.layout import init_bus
 from busd.server import ENVELOPE_BYTES
-from daemon_harness import BUSD, Daemon, files, message, wait_for
+from daemon_harness import BUSD, Daemon, delivered_ids, files, journal_ids, message, wait_for
 
 SMALL_MAX = 65536  # BUSD_MAX_MESSAGE_BYTES of the shared daemon: keeps "huge" lines small
 LINE_LIMIT = SMALL_MAX + ENVELOPE_BYTES
@@ -62,18 +62,8 @@ def conn(shared: Daemon):
         yield c
 
 
-def _ids(directory: Path) -> list[str]:
-    out = []
-    for p in files(directory):
-        parsed = parse_delivery_name(p.name)
-        assert parsed is not None, p.name
-        out.append(parsed.message_id)
-    return out
-
-
-def _journal_ids(root: Path, event: str = "accepted") -> list[str]:
-    with Journal(root / "journal") as j:
-        return [e.message_id for e in j.read(events=(event,)) if e.message_id]
+_ids = delivered_ids
+_journal_ids = journal_ids
 
 
 def _ts(text: str) -> float:
