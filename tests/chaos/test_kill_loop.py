@@ -53,7 +53,7 @@ from busd.fsio import fsync_dir
 from busd.layout import init_bus, parse_delivery_name
 from daemon_harness import BUSD, drop, files, message, wait_for
 
-pytestmark = pytest.mark.timeout(900 if LONG else 240)
+pytestmark = pytest.mark.timeout(2400 if LONG else 240)
 
 KILLS = scale(30, 300)
 ENV = {
