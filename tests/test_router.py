@@ -150,6 +150,43 @@ def test_group_commit_appends_the_journal_once_per_batch(bus: Bus) -> None:
     assert outbox_files(bus) == []
 
 
+def test_commit_removes_the_source_and_finish_writes_the_inbox_file(bus: Bus) -> None:
+    """After commit() the message is journaled and its source gone; finish() delivers it."""
+    src = drop(bus, "m1.json", message_bytes("m-1"))
+    with Router(bus.config) as router:
+        batch = router.commit([src])
+        assert [e.message_id for e in entries(bus.config)] == ["m-1"]
+        assert not src.exists()
+        assert deliveries(bus, "bob") == []
+        assert router.delivered < batch.position  # a checkpoint may not cover it yet
+        router.finish(batch)
+        assert router.delivered == batch.position
+    assert delivered_ids(bus, "bob") == ["m-1"]
+
+
+def test_source_seen_again_before_finish_is_a_duplicate_not_a_redo(bus: Bus) -> None:
+    """The same file dropped again while its first copy awaits finish() is delivered once."""
+    with Router(bus.config) as router:
+        first = router.commit([drop(bus, "m1.json", message_bytes("m-1"))])
+        again = router.commit([drop(bus, "m1.json", message_bytes("m-1"))])
+        assert (again.report.duplicates, again.redo) == (1, [])
+        router.finish(first, again)
+    assert delivered_ids(bus, "bob") == ["m-1"]
+    assert outbox_files(bus) == []
+
+
+def test_finish_of_several_batches_keeps_commit_order(bus: Bus) -> None:
+    """Batches finished together are listed in the inbox in the order they were committed."""
+    with Router(bus.config) as router:
+        batches = [
+            router.commit([drop(bus, f"f{i}.json", message_bytes(f"m-{i}"))]) for i in range(5)
+        ]
+        report = router.finish(*batches)
+        assert router.delivered == batches[-1].position
+    assert report.recipients == {"bob"}
+    assert delivered_ids(bus, "bob") == [f"m-{i}" for i in range(5)]
+
+
 def test_route_all_commits_once_per_scan_batch(bus: Bus) -> None:
     """route_all over 30 waiting files is a single group commit too."""
     for i in range(30):

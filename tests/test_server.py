@@ -1036,6 +1036,32 @@ def test_concurrent_publishers_exactly_once(root: Path, daemon: Daemon) -> None:
     assert files(root / "locks" / "bob") == []
 
 
+@pytest.mark.timeout(120)
+def test_fetch_sees_every_publish_answered_before_it(root: Path, daemon: Daemon) -> None:
+    """Read your writes: while 4 clients publish, a fetch right after an answer finds it."""
+    failures: list[BaseException] = []
+
+    def client(k: int) -> None:
+        agent = f"rw{k}"
+        try:
+            with Rpc(root / "busd.sock", timeout=30) as c:
+                for i in range(150):
+                    msg = message(0, message_id=f"rw{k}-{i:03d}", to=[agent])
+                    c("publish", {"message": msg})
+                    fetched = c("fetch", {"agent_id": agent, "max": 10, "wait_s": 0})
+                    assert _ids_of(fetched) == [msg["message_id"]], (i, fetched)
+                    c("ack", {"agent_id": agent, "message_ids": _ids_of(fetched)})
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(100)
+    assert not failures, failures[:1]
+
+
 @pytest.mark.timeout(90)
 def test_sigterm_while_publishing_keeps_every_answered_publish(root: Path, daemon: Daemon) -> None:
     """SIGTERM under load: every publish answered with success is journaled and delivered."""

@@ -17,12 +17,13 @@ thread, new hints pile up, and the next pass takes all of them at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from .journal import START
 from .model import check_agent_name
 from .recovery import recover_deliveries, write_checkpoint
 from .retention import gc
-from .router import Incoming, Router, RouteReport
+from .router import Batch, Incoming, Router, RouteReport
 from .sdnotify import Notifier, watchdog_interval
 from .server import Server
 from .service import Service
@@ -61,6 +62,10 @@ _GC_PERIOD_S = 60.0
 _SUBSCRIPTIONS_FILE = "subscriptions.json"
 _CHECKPOINT_PERIOD_S = 1.0
 _BATCH = 512
+# Committed work may run ahead of its inbox files by this much; past it, commits
+# wait (publishers see latency, not errors). The journal holds all of it anyway.
+_MAX_PENDING = 10_000
+_MAX_PENDING_BYTES = 32 * 1024 * 1024
 
 
 class RateTracker:
@@ -125,7 +130,18 @@ class Daemon:
         self.totals = RouteReport()
         self.rates = RateTracker()
         self._router: Router | None = None
-        self._lane = anyio.Lock()  # serialises every worker-thread use of the router
+        # Two lanes: commits (journal, dedupe, outboxes) and deliveries (inbox files,
+        # checkpoints) each run one at a time, side by side. Whoever needs both
+        # takes the commit lane first.
+        self._lane = anyio.Lock()
+        self._delivery_lane = anyio.Lock()
+        self._pending: list[tuple[int, Batch]] = []  # committed, awaiting inbox files
+        self._pending_bytes = 0
+        self._pending_messages = 0
+        self._committed = 0  # batches committed so far
+        self._finished = 0  # ... whose deliveries exist (or that recovery covered)
+        self._deliver_wake = anyio.Event()
+        self._progress = anyio.Event()  # set (and replaced) when _finished moves
         self._dirty: set[Path] = set()
         self._full_scan = False
         self._wake = anyio.Event()
@@ -136,7 +152,6 @@ class Daemon:
         self._force_timer: threading.Timer | None = None
         self._publishes: list[tuple[list[Incoming], anyio.Event]] = []
         self._arrivals: dict[str, anyio.Event] = {}
-        self._finishing: anyio.Event | None = None
         self._recover_needed = False
         self._checkpointed = START
         self.socket: Path | None = None
@@ -162,13 +177,14 @@ class Daemon:
             except PermissionError as exc:
                 raise StorageError(f"cannot read the bus: {exc}", path=exc.filename) from exc
             self._router.subscriptions = self._merged_subscriptions(self.config)
-            async with anyio.create_task_group() as tg:
+            async with _plain_errors(), anyio.create_task_group() as tg:
                 await tg.start(self._signals)
                 # Bound before "ready": a bind error stops start-up with a clear message.
                 self.socket = await tg.start(Server(self.config, Service(self)).serve)
                 tg.start_soon(watch, self.config, self._on_hints, self._watch_stop)
                 report = await anyio.to_thread.run_sync(self._recover)
                 tg.start_soon(self._route_loop)
+                tg.start_soon(self._delivery_loop)
                 tg.start_soon(self._timer, self._lease_pass, self._lease_period)
                 tg.start_soon(self._timer, self._request_full_scan, self._rescan_period)
                 tg.start_soon(self._timer, self._gc_pass, lambda: _GC_PERIOD_S)
@@ -194,7 +210,7 @@ class Daemon:
         finally:
             if self._router is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(write_checkpoint, self._router)
+                    await anyio.to_thread.run_sync(self._final_checkpoint)
                 self._router.close()
             lock.release()
             if self._force_timer is not None:
@@ -369,9 +385,9 @@ class Daemon:
         exist; a fetch waits here first, so a consumer always sees what was
         acknowledged to a producer before it asked (read your writes).
         """
-        finishing = self._finishing
-        if finishing is not None:
-            await finishing.wait()
+        target = self._committed
+        while self._finished < target:
+            await self._progress.wait()
 
     async def wait_for_delivery(self, agent: str, timeout: float) -> None:
         """Return when something may have arrived for ``agent``, or after ``timeout``."""
@@ -420,35 +436,95 @@ class Daemon:
         self, dirs: set[Path], full: bool, publishes: list[tuple[list[Incoming], anyio.Event]]
     ) -> None:
         incoming = [item for items, _ in publishes for item in items]
-        report = RouteReport()
+        async with self._lane:
+            if self._recover_needed:
+                # A pass failed after its journal append, or deliveries failed:
+                # deliver what the journal holds after the checkpoint.
+                await self._recover_deliveries()
+            paths: list[Path] = []
+            if dirs or full:  # socket-only passes skip a worker-thread round trip
+                paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
+            for i in range(0, max(len(paths), 1), _BATCH):
+                await self._room()
+                # Socket publishes ride with the first batch: one fsync for all.
+                batch = await anyio.to_thread.run_sync(
+                    self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
+                )
+                self._count(batch.report)
+                self._enqueue(batch)
+                if i == 0:
+                    # Durable now: answer while the inbox files are written.
+                    _release(publishes)
+
+    async def _room(self) -> None:
+        """Back-pressure: wait while too much committed work awaits its inbox files."""
+        while (
+            self._pending_bytes > _MAX_PENDING_BYTES or self._pending_messages > _MAX_PENDING
+        ) and not self._recover_needed:
+            await self._progress.wait()
+
+    def _enqueue(self, batch: Batch) -> None:
+        self._committed += 1
+        if batch.accepted or batch.redo or self._pending:
+            self._pending.append((self._committed, batch))
+            self._pending_bytes += batch.size
+            self._pending_messages += len(batch.accepted) + len(batch.redo)
+            self._deliver_wake.set()
+        else:
+            self._advance(self._committed)  # nothing to deliver, nothing queued before it
+
+    def _advance(self, finished: int) -> None:
+        self._finished = max(self._finished, finished)
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def _delivery_loop(self) -> None:
+        """Write the inbox files of committed batches, oldest first, many per pass."""
+        while True:
+            await self._deliver_wake.wait()
+            self._deliver_wake = anyio.Event()
+            report: RouteReport | None = None
+            async with self._delivery_lane:
+                pending, self._pending = self._pending, []
+                if not pending or self._recover_needed:
+                    continue  # recovery delivers from the journal what was queued
+                batches = [b for _, b in pending]
+                try:
+                    report = await anyio.to_thread.run_sync(self.router.finish, *batches)
+                except (BusdError, OSError) as exc:
+                    # Nothing is lost: these batches are journaled after the
+                    # checkpoint, and `delivered` has not moved past them.
+                    _log.error("delivery_failed", error=str(exc))
+                    self._recover_needed = True
+                    self._wake.set()
+                else:
+                    self._advance(pending[-1][0])
+                finally:
+                    self._pending_bytes -= sum(b.size for b in batches)
+                    self._pending_messages -= sum(len(b.accepted) + len(b.redo) for b in batches)
+            if report is not None:
+                self._count(report)
+                self._notify_arrivals(report.recipients)
+
+    async def _recover_deliveries(self) -> None:
+        """Deliver everything journaled after the checkpoint (holding the commit lane)."""
+        async with self._delivery_lane:
+            await anyio.to_thread.run_sync(recover_deliveries, self.router)
+            self._recover_needed = False
+            self._pending.clear()
+            self._pending_bytes = self._pending_messages = 0
+            self._advance(self._committed)
+        self._notify_arrivals(None)
+
+    def _final_checkpoint(self) -> None:
+        """On the way out: deliver what is queued, then checkpoint (best effort)."""
+        router = self.router
         try:
-            async with self._lane:
-                if self._recover_needed:
-                    # A pass failed after its journal append: socket publishes have no
-                    # outbox file to redo from, so deliver them from the journal.
-                    await anyio.to_thread.run_sync(recover_deliveries, self.router)
-                    self._recover_needed = False
-                paths: list[Path] = []
-                if dirs or full:  # socket-only passes skip a worker-thread round trip
-                    paths = await anyio.to_thread.run_sync(self._scan, dirs, full)
-                for i in range(0, max(len(paths), 1), _BATCH):
-                    # Socket publishes ride with the first batch: one fsync for all.
-                    batch = await anyio.to_thread.run_sync(
-                        self.router.commit, paths[i : i + _BATCH], incoming if i == 0 else ()
-                    )
-                    self._count(batch.report)
-                    finishing = self._finishing = anyio.Event()
-                    if i == 0:
-                        # Durable now: answer before the inbox files are written.
-                        _release(publishes)
-                    try:
-                        report.add(await anyio.to_thread.run_sync(self.router.finish, batch))
-                    finally:
-                        self._finishing = None
-                        finishing.set()
-        finally:
-            self._count(report)
-            self._notify_arrivals(report.recipients)
+            if self._pending and not self._recover_needed:
+                router.finish(*(b for _, b in self._pending))
+            write_checkpoint(router)
+        except (BusdError, OSError) as exc:  # the next start recovers from the journal
+            _log.error("final_checkpoint_failed", error=str(exc))
 
     def _scan(self, dirs: set[Path], full: bool) -> list[Path]:
         router = self.router
@@ -461,7 +537,7 @@ class Daemon:
         router = self.router
         if router.unsynced or router.delivered != self._checkpointed:
             try:
-                async with self._lane:
+                async with self._delivery_lane:
                     self._checkpointed = await anyio.to_thread.run_sync(write_checkpoint, router)
             except OSError as exc:  # disk full or read-only: recovery covers the gap
                 _log.error("checkpoint_failed", error=str(exc))
@@ -528,6 +604,18 @@ class Daemon:
         self.router.subscriptions = self._merged_subscriptions(new)
         self.router.dedupe.window_s = new.dedupe_window_seconds
         _log.info("config_reloaded", config_file=new.config_file)
+
+
+@contextlib.asynccontextmanager
+async def _plain_errors() -> AsyncIterator[None]:
+    """Let a lone busd error from inside the task group (a start-up failure, say
+    a journal that cannot be written) leave as itself, for the CLI to explain."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], BusdError):
+            raise group.exceptions[0] from None
+        raise
 
 
 def _replace_root(config: Config, root: str) -> Config:

@@ -26,6 +26,7 @@ from .codec import decode
 from .config import Config
 from .errors import InvalidMessage
 from .fsio import fsync_dir, tmp_name
+from .holdings import Holdings
 from .journal import START, Position
 from .router import Router, RouteReport
 
@@ -80,10 +81,14 @@ def write_checkpoint(router: Router) -> Position:
 def recover_deliveries(router: Router) -> int:
     """Re-deliver accepted messages after the checkpoint that a recipient lacks.
 
+    Must run with no ``commit`` or ``finish`` in flight: afterwards everything
+    journaled counts as delivered.
+
     Returns how many deliveries were made again. Entries whose message no
     longer decodes (written by a future version, say) are skipped and logged.
     """
     start = read_checkpoint(router)
+    holdings = Holdings(router.config)
     dead: set[str] | None = None
     redelivered = 0
     for entry, _ in router.journal.read_from(start):
@@ -97,7 +102,7 @@ def recover_deliveries(router: Router) -> int:
         except InvalidMessage as exc:
             _log.warning("journal_entry_skipped", message_id=entry.message_id, error=str(exc))
             continue
-        missing = [r for r in entry.to if not router.has(r, msg, len(body))]
+        missing = [r for r in entry.to if not holdings.has(r, msg, len(body))]
         if not missing:
             continue
         if dead is None:
@@ -109,6 +114,7 @@ def recover_deliveries(router: Router) -> int:
         redelivered += len(missing)
         _log.info("message_recovered_from_journal", message_id=msg.message_id, to=missing)
     router.delivered = router.position  # everything journaled is now delivered
+    router.in_flight.clear()
     write_checkpoint(router)
     return redelivered
 

@@ -5,15 +5,19 @@ One :meth:`Router.route` call handles a batch of files as one group commit:
 1. read each file safely and validate it; invalid files go to the DLQ;
 2. drop duplicates (dedupe key already accepted within the window);
 3. append every outcome to the journal in ONE write and ONE fsync: from this
-   point an accepted message is durable;
-4. deliver to each recipient's inbox, fsync those files and directories;
-5. only then remove the sources from ``outbox/``.
+   point an accepted message is durable, and its ``outbox/`` source is removed;
+4. deliver to each recipient's inbox (:meth:`Router.finish`); a checkpoint
+   later fsyncs those files and directories in bulk.
 
-A crash between any two steps is repaired by routing the leftover source file
-again: the dedupe index remembers the path each key was accepted from, so a
-file seen again at that same path is a *redo* (deliver to whichever recipient
-lacks it), not a duplicate. The daemon calls :meth:`Router.route` from a worker
-thread; the daemon-less CLI calls :func:`busd.recovery.route_pending`.
+Steps 1-3 are :meth:`Router.commit`, step 4 :meth:`Router.finish`. The daemon
+runs them in two lanes, so the next batch is journaled while the last one's
+inbox files are written. A crash after step 3 loses nothing: the journal after
+the last checkpoint is replayed at start-up (:mod:`busd.recovery`). A crash
+between the fsync and the removal of a source leaves the file to be seen again:
+the dedupe index remembers the path each key was accepted from, so a file seen
+again at that same path is a *redo* (deliver to whichever recipient lacks it),
+not a duplicate. The daemon calls these from worker threads; the daemon-less
+CLI calls :func:`busd.recovery.route_pending`.
 
 Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 """
@@ -39,9 +43,9 @@ from .dedupe import DedupeIndex
 from .delivery import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
 from .errors import BusdError, InvalidMessage, InvalidName, Reason, Unroutable
 from .fsio import read_limited, rename_noreplace
+from .holdings import Holdings
 from .journal import START, Journal, JournalEntry, Position
 from .layout import delivery_name, parse_delivery_name
-from .ledger import ProcessedLedger
 from .model import Message, check_agent_name, dedupe_key, effective_recipients
 
 __all__ = ["Batch", "Incoming", "RouteReport", "Router"]
@@ -88,8 +92,12 @@ class Batch:
     report: RouteReport = field(default_factory=lambda: RouteReport())
     accepted: list[_Item] = field(default_factory=list)
     redo: list[_Item] = field(default_factory=list)
-    removals: list[Path] = field(default_factory=list)
     position: Position = START
+
+    @property
+    def size(self) -> int:
+        """Bytes of message bodies waiting for :meth:`Router.finish` (for back-pressure)."""
+        return sum(len(i.body) * len(i.recipients or ()) for i in (*self.accepted, *self.redo))
 
 
 @dataclass(slots=True)
@@ -124,6 +132,9 @@ class Router:
         # (files written, maybe not yet synced): what a checkpoint may cover.
         self.delivered: Position = self.position
         self.unsynced: list[Path] = []
+        # Message ids committed but not yet delivered by finish(): a source seen
+        # again meanwhile is a duplicate, not a redo (which would deliver twice).
+        self.in_flight: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Router:
@@ -188,12 +199,14 @@ class Router:
     def commit(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> Batch:
         """Validate, deduplicate and journal a batch: ONE journal write and fsync.
 
-        When this returns, every accepted message is durable and each
-        :class:`Incoming` has its ``outcome``: ``"accepted"``, ``"duplicate"`` or
-        the :class:`BusdError` that refused it. Deliveries wait for :meth:`finish`,
-        which must follow before the next ``commit`` (sources are still in place).
+        When this returns, every accepted message is durable, its ``outbox/``
+        source is gone, and each :class:`Incoming` has its ``outcome``:
+        ``"accepted"``, ``"duplicate"`` or the :class:`BusdError` that refused it.
+        Deliveries wait for :meth:`finish`, which may run in another thread while
+        the next ``commit`` does (never two ``finish`` or two ``commit`` at once).
         """
         batch = Batch()
+        removals: list[Path] = []
         report = batch.report
         entries: list[JournalEntry] = []
         keys: set[str] = set()
@@ -208,13 +221,18 @@ class Router:
             # message ids are unique by contract: a second message with a seen id is a
             # duplicate even under another idempotency key (it would share file names).
             seen = self.dedupe.get(key) or self.dedupe.get(mid)
-            if item.rel is not None and seen is not None and seen.source == item.rel:
+            if (
+                item.rel is not None
+                and seen is not None
+                and seen.source == item.rel
+                and mid not in self.in_flight
+            ):
                 batch.redo.append(item)
             elif seen is not None or key in keys or mid in keys:
                 entries.append(_entry("duplicate", now, item.msg, item.rel, item.recipients))
                 report.duplicates += 1
                 if item.path is not None:
-                    batch.removals.append(item.path)
+                    removals.append(item.path)
                 if item.incoming is not None:
                     item.incoming.outcome = "duplicate"
             else:
@@ -232,15 +250,22 @@ class Router:
                 self.dedupe.add(item.msg.message_id, item.msg.message_id, item.rel, stamp)
             if item.incoming is not None:
                 item.incoming.outcome = "accepted"
+            self.in_flight.add(item.msg.message_id)
             report.accepted += 1
             report.delivered += len(item.recipients or ())
+            if item.path is not None and item.path.parent.parent != self.layout.inbox:
+                removals.append(item.path)  # journaled: the source has done its job
+        for path in removals:
+            _unlink(path)
+        if batch.accepted:
+            _log.debug("batch_committed", accepted=len(batch.accepted))
         return batch
 
-    def finish(self, batch: Batch) -> RouteReport:
-        """Deliver a committed batch, then remove its sources.
+    def finish(self, *batches: Batch) -> RouteReport:
+        """Deliver committed batches, in commit order, as one pass.
 
         Returns what only this step adds (``redone``, ``recipients``); the
-        counts of what was accepted are in ``batch.report`` from :meth:`commit`.
+        counts of what was accepted are in each ``batch.report`` from :meth:`commit`.
 
         Delivery files are created by a few threads at once: on disks where each
         file creation is a slow metadata round trip, that overlaps the waits.
@@ -249,21 +274,23 @@ class Router:
         """
         report = RouteReport()
         jobs: list[tuple[str, bytes, str, str]] = []
-        for item in batch.accepted:
-            self._deliver(item, jobs)
-            _log.info("message_accepted", message_id=item.msg.message_id, to=item.recipients)
-        for item in batch.redo:
-            self._redo(item, jobs)
-            report.redone += 1
+        for batch in batches:
+            for item in batch.accepted:
+                self._deliver(item, jobs)
+                _log.debug("message_accepted", message_id=item.msg.message_id, to=item.recipients)
+            for item in batch.redo:
+                self._redo(item, jobs)
+                report.redone += 1
         self._write(jobs)
-        for item in (*batch.accepted, *batch.redo):
-            if item.path is not None and item.path.parent.parent != self.layout.inbox:
-                batch.removals.append(item.path)
-        for path in batch.removals:
-            _unlink(path)
-        # Only now may a checkpoint cover this batch: its deliveries all exist.
-        self.delivered = max(self.delivered, batch.position)
-        report.recipients.update(r for item in batch.accepted for r in item.recipients or ())
+        for batch in batches:
+            for item in batch.redo:
+                if item.path is not None and item.path.parent.parent != self.layout.inbox:
+                    _unlink(item.path)
+            report.recipients.update(r for i in batch.accepted for r in i.recipients or ())
+            self.in_flight.difference_update(i.msg.message_id for i in batch.accepted)
+        if batches:
+            # Only now may a checkpoint cover these batches: their deliveries all exist.
+            self.delivered = max(self.delivered, batches[-1].position)
         return report
 
     def _write(self, jobs: list[tuple[str, bytes, str, str]]) -> None:
@@ -384,15 +411,7 @@ class Router:
 
     def has(self, agent: str, msg: Message, size: int | None = None) -> bool:
         """Whether ``agent`` has ``msg``: ready, claimed (of ``size`` bytes), or acked."""
-        for d in (self.layout.inbox_dir(agent), self.layout.locks_dir(agent)):
-            for p in _entries(d):
-                parsed = parse_delivery_name(p.name)
-                if parsed is not None and parsed.message_id == msg.message_id:
-                    if size is None or _size(p) == size or _complete(p, self.config):
-                        return True
-                    _unlink(p)  # torn by a power cut before it was synced: deliver again
-        ledger = ProcessedLedger(self.layout.ledger(agent))
-        return dedupe_key(msg) in ledger or msg.message_id in ledger
+        return Holdings(self.config).has(agent, msg, size)
 
     def sync(self) -> None:
         """Make every delivery since the last call durable (files, then directories)."""
@@ -440,28 +459,12 @@ class Router:
         )
 
 
-def _complete(path: Path, config: Config) -> bool:
-    """Whether ``path`` holds a whole, valid message (not one torn by a power cut)."""
-    try:
-        decode(read_limited(path, config.max_message_bytes))
-    except (InvalidMessage, OSError):
-        return False
-    return True
-
-
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
 
 
 def _entry(

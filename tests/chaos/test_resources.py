@@ -518,3 +518,28 @@ def test_clock_jumping_backwards_keeps_ids_unique_and_journal_in_append_order(
     claimed = [c.message.message_id for c in Consumer(config, "bob").claim(500)]
     assert claimed == sent
     report("clock backwards", ids=len(sent), clock_readings=clock.calls)
+
+
+def test_recovery_reads_each_ledger_once_not_once_per_entry(tmp_path: Path) -> None:
+    """150 acked entries after the checkpoint, a 60,000-record ledger: recovery is quick."""
+    from busd.recovery import recover_deliveries
+
+    root = init_bus(tmp_path / "bus").root
+    config = load_config(root=str(root), env={})
+    n = 150
+    with Router(config) as router:
+        incoming = [Incoming(decode(json.dumps(message(i)).encode())) for i in range(n)]
+        router.route([], incoming)
+        router.sync()
+    consumer = Consumer(config, "bob")
+    claims = consumer.claim(n)
+    assert consumer.ack([c.message.message_id for c in claims]) == n
+    with (root / "processed" / "bob.jsonl").open("a") as f:
+        for i in range(60_000):
+            f.write(f'{{"message_id":"old-{i:06d}","acked_at":"2026-11-20T00:00:00.000000Z"}}\n')
+    (root / "journal" / "checkpoint").unlink(missing_ok=True)  # recheck every entry
+    with Router(config) as router:
+        t0 = time.monotonic()
+        assert recover_deliveries(router) == 0
+        took = time.monotonic() - t0
+    assert took < 1.5, f"recovery of {n} entries took {took:.1f} s"
