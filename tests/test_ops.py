@@ -166,6 +166,7 @@ def test_status_same_shape_from_files_and_daemon(root: Path) -> None:
     assert off["daemon"]["running"] is False and off["daemon"]["pid"] is None
     assert off["rates_per_min"]["accepted"] == {"1m": None, "15m": None}
     assert off["dedupe"]["index_size"] is None
+    assert off["journal"]["undelivered"] is None  # only a daemon knows
     assert off["agents"]["bob"]["ready"] == 2 and off["agents"]["carol"]["ready"] == 1
     assert off["agents"]["bob"]["last_delivery_at"].endswith("Z")
     assert off["dlq"] == {
@@ -188,6 +189,7 @@ def test_status_same_shape_from_files_and_daemon(root: Path) -> None:
     assert on["daemon"]["running"] is True and on["daemon"]["pid"] == daemon.proc.pid
     assert on["daemon"]["version"] == on["version"] and on["daemon"]["watcher"] == "native"
     assert on["dedupe"]["index_size"] >= 4
+    assert on["journal"]["undelivered"] == 0  # m-4's inbox file exists
     assert on["rates_per_min"]["accepted"]["1m"] >= 1.0
     assert on["agents"]["bob"]["ready"] == 3
     assert on["dlq"]["entries"] == 1 and on["healthy"] is False

@@ -291,6 +291,7 @@ def status_data(cfg: Config) -> dict[str, Any]:
         "journal": {
             "segments": (raw.get("journal") or {}).get("segments", 0),
             "bytes": (raw.get("journal") or {}).get("bytes", 0),
+            "undelivered": d.get("undelivered"),
         },
         "dedupe": {
             "index_size": d.get("dedupe_index"),
@@ -402,7 +403,12 @@ def _print_status(data: dict[str, Any]) -> None:
             ("dlq", dlq_text),
             (
                 "journal",
-                f"{_n(data['journal']['segments'], 'segment')}, {_size(data['journal']['bytes'])}",
+                f"{_n(data['journal']['segments'], 'segment')}, {_size(data['journal']['bytes'])}"
+                + (
+                    f", {data['journal']['undelivered']} awaiting inbox files"
+                    if data["journal"]["undelivered"]
+                    else ""
+                ),
             ),
             ("dedupe", f"{index}, window {_ago(dd['window_s'])}"),
             ("accepted/min", rate("accepted")),

@@ -339,6 +339,7 @@ class Daemon:
             "watcher": "polling" if self.config.force_polling else "native",
             "config_file": self.config.config_file,
             "dedupe_index": len(self.router.dedupe),
+            "undelivered": self._pending_messages,
             "totals": {
                 "accepted": t.accepted,
                 "delivered": t.delivered,
