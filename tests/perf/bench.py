@@ -728,7 +728,9 @@ class Bench:
                 self.stage(root, f"drop-r{rep}", count, agents)
                 (root / "outbox" / "alice").mkdir(mode=0o700, exist_ok=True)
                 self.measure(
-                    "busd.drop", W.drop_files, [dict(root=str(root), count=count, timeout=600)]
+                    "busd.drop",
+                    W.drop_files,
+                    [dict(root=str(root), count=count, agents=agents, timeout=600)],
                 )
                 routed = sum(C.count_files(root / "inbox" / a) for a in agents)
                 dead = C.count_files(root / "dlq")

@@ -171,7 +171,11 @@ def _subscriber(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
 
 
 def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
-    """Rename ``count`` staged files into ``outbox/<sender>/``; done when the outbox is empty."""
+    """Rename ``count`` staged files into ``outbox/<sender>/``.
+
+    Done when the outbox is empty (every file journaled) and every delivery file
+    exists in ``inbox/<agent>/`` for ``agents``.
+    """
     root = Path(args["root"])
     outbox = root / "outbox" / "alice"
     staged = sorted((root / "tmp").glob("stage-*"))
@@ -188,7 +192,20 @@ def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise TimeoutError("the outbox did not drain")
         time.sleep(0.005)
+    inboxes = [root / "inbox" / a for a in args["agents"]]
+    while sum(_count(d) for d in inboxes) < len(staged):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the deliveries did not all appear")
+        time.sleep(0.02)
     return _timed(start, len(staged))
+
+
+def _count(directory: Path) -> int:
+    try:
+        with os.scandir(directory) as it:
+            return sum(1 for e in it if not e.name.startswith("."))
+    except FileNotFoundError:
+        return 0
 
 
 def drop_latency(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
