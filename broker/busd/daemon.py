@@ -65,7 +65,7 @@ _BATCH = 512
 # Committed work may run ahead of its inbox files by this much; past it, commits
 # wait (publishers see latency, not errors). The journal holds all of it anyway.
 _MAX_PENDING = 10_000
-_MAX_PENDING_BYTES = 32 * 1024 * 1024
+_MAX_PENDING_BYTES = 8 * 1024 * 1024
 
 
 class RateTracker:

@@ -96,8 +96,11 @@ class Batch:
 
     @property
     def size(self) -> int:
-        """Bytes of message bodies waiting for :meth:`Router.finish` (for back-pressure)."""
-        return sum(len(i.body) * len(i.recipients or ()) for i in (*self.accepted, *self.redo))
+        """About the bytes this batch holds until :meth:`Router.finish` (for back-pressure).
+
+        Each message is held twice: its JSON body and the decoded message.
+        """
+        return sum(2 * len(i.body) for i in (*self.accepted, *self.redo))
 
 
 @dataclass(slots=True)
@@ -250,6 +253,7 @@ class Router:
                 self.dedupe.add(item.msg.message_id, item.msg.message_id, item.rel, stamp)
             if item.incoming is not None:
                 item.incoming.outcome = "accepted"
+                item.incoming = None  # its raw bytes need not wait for finish()
             self.in_flight.add(item.msg.message_id)
             report.accepted += 1
             report.delivered += len(item.recipients or ())
