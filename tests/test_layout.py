@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from busd import fsio
 from busd.layout import (
     DIR_MODE,
     Layout,
@@ -88,6 +91,43 @@ def test_init_bus_over_a_file_fails(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         init_bus(tmp_path / "bus")
     assert (tmp_path / "bus").read_bytes() == b"not a dir"
+
+
+def _top_dir_flag(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, fsio._FS_IOC_GETFLAGS, buf)
+    finally:
+        os.close(fd)
+    return bool(int.from_bytes(buf[:4], sys.byteorder) & fsio._FS_TOPDIR_FL)
+
+
+def test_init_bus_marks_the_root_top_of_hierarchy(tmp_path: Path) -> None:
+    """On ext4 the root gets the T attribute before its subdirectories are made."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not fsio.mark_top_dir(probe):
+        pytest.skip("this filesystem has no top-of-hierarchy attribute (not ext2/3/4)")
+    assert _top_dir_flag(probe)
+    root = init_bus(tmp_path / "bus").root
+    assert _top_dir_flag(root)
+    assert fsio.mark_top_dir(root)  # idempotent
+
+
+def test_mark_top_dir_is_only_a_hint(tmp_path: Path) -> None:
+    """Where the flag cannot be set (a file, a missing path, tmpfs), it says False, no error."""
+    (tmp_path / "file").write_text("x")
+    assert fsio.mark_top_dir(tmp_path / "file") is False
+    assert fsio.mark_top_dir(tmp_path / "missing") is False
+    if Path("/dev/shm").is_dir():
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        try:
+            assert fsio.mark_top_dir(shm) is False
+        finally:
+            shm.rmdir()
 
 
 def test_ensure_dir_reports_creation(tmp_path: Path) -> None:

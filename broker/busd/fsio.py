@@ -27,6 +27,7 @@ from .errors import InvalidMessage, Reason, StorageError
 __all__ = [
     "fsync_dir",
     "fsync_file",
+    "mark_top_dir",
     "read_limited",
     "rename_noreplace",
     "tmp_name",
@@ -66,6 +67,49 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _ioc(direction: int, number: int) -> int:
+    # _IOR/_IOW('f', number, long) from <linux/fs.h>; the kernel reads and writes an int.
+    return (direction << 30) | (ctypes.sizeof(ctypes.c_long) << 16) | (ord("f") << 8) | number
+
+
+_FS_IOC_GETFLAGS = _ioc(2, 1)
+_FS_IOC_SETFLAGS = _ioc(1, 2)
+_FS_TOPDIR_FL = 0x00020000
+
+
+def mark_top_dir(path: Path) -> bool:
+    """Best effort: mark directory ``path`` as the top of a hierarchy (``chattr +T``).
+
+    ext4 (and ext3) then spread the subdirectories created under it over block
+    groups with free inodes (the Orlov allocator), instead of packing them into
+    the parent's group. New files get their inodes in their directory's group:
+    when that group is full, each creation searches for room, and that was
+    measured at 0.8-1 ms of system time per file against 15-25 us in an empty
+    group. Returns False where the filesystem or platform has no such flag.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        flags = int.from_bytes(buf[:4], sys.byteorder)
+        if flags & _FS_TOPDIR_FL:
+            return True
+        buf[:4] = (flags | _FS_TOPDIR_FL).to_bytes(4, sys.byteorder)
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, buf)
+    except OSError:  # ENOTTY/EOPNOTSUPP (tmpfs, btrfs, ...), EPERM: a hint only
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def fsync_file(path: Path) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .fsio import fsync_dir
+from .fsio import fsync_dir, mark_top_dir
 
 __all__ = [
     "DIR_MODE",
@@ -160,6 +160,9 @@ def init_bus(root: Path) -> Layout:
     if not root.is_dir():
         root.mkdir(mode=DIR_MODE, parents=True)
         fsync_dir(root.parent)
+    # Before the subdirectories exist: they then start in block groups with room,
+    # so creating the bus's many small files stays cheap (see mark_top_dir).
+    mark_top_dir(root)
     layout = Layout(root)
     for sub in _SUBDIRS:
         ensure_dir(root / sub)
