@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def build_slow_fsync(out_dir: Path) -> tuple[Path | None, str]:
+    """Compile tests/slowfsync.c into ``out_dir``; (library, "") or (None, why not)."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None, "no C compiler to build the fsync-delay shim"
+    lib = out_dir / "slowfsync.so"
+    src = Path(__file__).with_name("slowfsync.c")
+    proc = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(lib), str(src), "-ldl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None, f"building the fsync-delay shim failed: {proc.stderr[-200:]}"
+    return lib, ""
 
 
 class Daemon:

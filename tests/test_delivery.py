@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -89,6 +92,43 @@ def test_sync_dirs_accepts_files_in_several_directories(bus: Bus) -> None:
     """sync_dirs() fsyncs each file and each distinct directory without error."""
     paths = [delivery.deliver(bus.layout, a, b"x", f"m-{a}") for a in ("bob", "carol", "bob")]
     delivery.sync_dirs(paths)
+
+
+_SYNC_SCRIPT = """
+import sys
+from pathlib import Path
+from busd import delivery
+from busd.layout import Layout
+layout, n = Layout(Path(sys.argv[1])), int(sys.argv[2])
+paths = [delivery.deliver(layout, "bob", b"x", f"m-{i}") for i in range(n)]
+print("SYNC-START", flush=True)
+delivery.sync_dirs(paths)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs is Linux only")
+@pytest.mark.parametrize(("files", "fsyncs", "syncfs"), [(3, 4, 0), (40, 0, 1)])
+def test_sync_dirs_uses_one_syncfs_for_many_files(
+    bus: Bus, files: int, fsyncs: int, syncfs: int
+) -> None:
+    """Under strace: a few files get an fsync each (and their directory); many, one syncfs."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    log = bus.root / "strace.log"
+    argv = [strace, "-f", "-o", str(log), "-e", "trace=fsync,syncfs,write", sys.executable]
+    subprocess.run(
+        [*argv, "-c", _SYNC_SCRIPT, str(bus.root), str(files)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    lines = log.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "SYNC-START" in line)
+    after = lines[start + 1 :]
+    assert sum(" fsync(" in f" {line}" for line in after) == fsyncs
+    assert sum(" syncfs(" in f" {line}" for line in after) == syncfs
 
 
 def test_arrival_keys_sort_in_delivery_order(bus: Bus) -> None:

@@ -30,7 +30,16 @@ from busd import __version__
 from busd.journal import Journal
 from busd.layout import init_bus
 from busd.server import ENVELOPE_BYTES
-from daemon_harness import BUSD, Daemon, delivered_ids, files, journal_ids, message, wait_for
+from daemon_harness import (
+    BUSD,
+    Daemon,
+    build_slow_fsync,
+    delivered_ids,
+    files,
+    journal_ids,
+    message,
+    wait_for,
+)
 
 SMALL_MAX = 65536  # BUSD_MAX_MESSAGE_BYTES of the shared daemon: keeps "huge" lines small
 LINE_LIMIT = SMALL_MAX + ENVELOPE_BYTES
@@ -1034,6 +1043,41 @@ def test_concurrent_publishers_exactly_once(root: Path, daemon: Daemon) -> None:
     assert set(journaled) == expected
     assert files(root / "inbox" / "bob") == []
     assert files(root / "locks" / "bob") == []
+
+
+@pytest.mark.timeout(120)
+def test_group_commit_gathers_concurrent_publishers_on_a_slow_disk(
+    root: Path, tmp_path: Path
+) -> None:
+    """Every fsync 5 ms slower: 8 clients share each flush (mean batch >= 5), not half each."""
+    lib, why = build_slow_fsync(tmp_path)
+    if lib is None:
+        pytest.skip(why)
+    clients, rounds = 8, 40
+    env = {"LD_PRELOAD": str(lib), "SLOW_FSYNC_US": "5000"}
+    d = Daemon(root, "--log-level", "debug", env=env).ready(timeout=60)
+    failures: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            with Rpc(root / "busd.sock", timeout=30) as c:
+                for i in range(rounds):
+                    c("publish", {"message": message(0, message_id=f"g{k}-{i:03d}")})
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+    finally:
+        d.stop()
+    assert not failures, failures[:1]
+    sizes = [e["accepted"] for e in d.log if e.get("event") == "batch_committed"]
+    assert sum(sizes) == clients * rounds
+    assert len(sizes) <= clients * rounds / 5, f"{len(sizes)} commits, sizes {sizes[:20]}"
 
 
 @pytest.mark.timeout(120)

@@ -13,13 +13,14 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from .codec import encode_json
 from .config import Config
-from .fsio import fsync_dir, write_durable
+from .fsio import fsync_dir, syncfs, write_durable
 from .ids import ArrivalClock
 from .layout import Layout, delivery_name, ensure_dir, outbox_name
 from .model import Message, check_agent_name
@@ -30,6 +31,9 @@ arrival_clock = ArrivalClock()
 """The process-wide source of arrival keys for outbox and delivery names."""
 
 _known_dirs: set[Path] = set()
+
+
+_SYNCFS_FROM = 16  # files to sync at once from which one syncfs beats an fsync each
 
 
 def _ensure(path: Path) -> None:
@@ -106,14 +110,25 @@ def deliver(
 
 
 def sync_dirs(paths: Iterable[Path]) -> None:
-    """fsync each distinct file and then each distinct parent directory once.
+    """Make the files ``paths`` and their directories durable.
 
-    A file that is gone (a consumer claimed or acked it meanwhile) is skipped:
-    its bytes are the claimer's business now, and its directory is still synced.
+    Few files: fsync each distinct file, then each distinct directory, once.
+    Many (a checkpoint under load): one ``syncfs`` per filesystem they are on,
+    which covers the directories too and waits for one device flush, not one
+    per file. A file that is gone (a consumer claimed or acked it meanwhile) is
+    skipped: its bytes are the claimer's business now, and its directory is
+    still synced.
     """
-    dirs: set[Path] = set()
+    paths = list(paths)
+    dirs = {path.parent for path in paths}
+    if len(paths) >= _SYNCFS_FROM:
+        devices: dict[int, Path] = {}
+        for d in dirs:
+            with contextlib.suppress(FileNotFoundError):
+                devices.setdefault(os.stat(d).st_dev, d)
+        if all(syncfs(d) for d in devices.values()):
+            return
     for path in paths:
-        dirs.add(path.parent)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:

@@ -30,6 +30,7 @@ __all__ = [
     "mark_top_dir",
     "read_limited",
     "rename_noreplace",
+    "syncfs",
     "tmp_name",
     "write_durable",
 ]
@@ -67,6 +68,41 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def syncfs(path: Path) -> bool:
+    """Flush the whole filesystem holding ``path`` (Linux ``syncfs(2)``).
+
+    Returns False where there is no syncfs, so the caller fsyncs file by file.
+    One call waits for one device flush, where an fsync per file waits for one
+    flush each: a checkpoint of 1,000 deliveries on a disk whose flush takes 2 ms
+    is 2 ms instead of 2 s. Since Linux 5.8 it reports writeback errors as fsync does.
+    """
+    if _syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _ioc(direction: int, number: int) -> int:

@@ -566,8 +566,8 @@ def test_every_accept_path_fsyncs_before_it_answers(root: Path, tmp_path: Path) 
     trace = tmp_path / "strace.out"
     prefix = [
         "strace", "-f", "-y", "-s", "65536", "-o", str(trace),
-        "-e", "trace=fsync,fdatasync,write,pwrite64,sendto,sendmsg,rename,renameat,renameat2,"
-        "link,linkat,unlink,unlinkat",
+        "-e", "trace=fsync,fdatasync,syncfs,write,pwrite64,sendto,sendmsg,"
+        "rename,renameat,renameat2,link,linkat,unlink,unlinkat",
     ]  # fmt: skip
     d = ChaosDaemon(root, prefix=prefix).ready(timeout=60)
     n = 10
@@ -601,7 +601,7 @@ def test_every_accept_path_fsyncs_before_it_answers(root: Path, tmp_path: Path) 
                 journal_write.setdefault(mid, i)
             for src in re.findall(r'\\"source\\":\\"outbox/alice/([^\\]+)\\"', rest):
                 journal_write.setdefault(src, i)
-        elif call in ("fsync", "fdatasync"):
+        elif call in ("fsync", "fdatasync", "syncfs"):  # syncfs: a checkpoint of many files
             target = rest.split(">")[0]
             if "/journal/0" in target:
                 journal_syncs.append(i)
