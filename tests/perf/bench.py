@@ -140,6 +140,7 @@ SLOW_FSYNC_US = 2000
 # fsync returns in about 0.15 ms): preloaded into the daemon only, it shows what group
 # commit does where the flush, not the CPU, is what a publisher waits for.
 PUSH_RATE = 1000.0
+PUSH_LOW_RATE = 200.0  # well inside what the consume side sustains: the latency of the path
 
 
 _T0 = time.monotonic()
@@ -810,9 +811,9 @@ class Bench:
                     "busd.droplat.p99", C.percentile(lat, 99), f"{C.percentile(lat, 99):.2f} ms"
                 )
 
-    def push_latency(self, count: int) -> None:
-        section(f"latency: publish -> push to a subscriber, {PUSH_RATE:.0f} msg/s")
-        with self.bus("pushlat") as bus:
+    def push_latency(self, count: int, rate: float = PUSH_RATE, key: str = "pushlat") -> None:
+        section(f"latency: publish -> push to a subscriber, {rate:.0f} msg/s")
+        with self.bus(key) as bus:
             for rep in range(REPS):
                 settle()
                 agent = f"sub{rep}"
@@ -824,14 +825,14 @@ class Bench:
                             socket=str(bus.socket),
                             agent=agent,
                             count=count,
-                            timeout=count / PUSH_RATE + 120,
+                            timeout=count / rate + 120,
                         ),
                         dict(
                             role="publisher",
                             socket=str(bus.socket),
                             prefix=f"push-r{rep}",
                             count=count,
-                            rate=PUSH_RATE,
+                            rate=rate,
                             to=agent,
                         ),
                     ],
@@ -840,13 +841,10 @@ class Bench:
                 pub = next(x for x in r.extra if "latencies_ms" not in x)
                 lat = sub["latencies_ms"]
                 achieved = pub["count"] / (pub["end"] - pub["start"])
-                self.record(
-                    "busd.pushlat.p50", C.percentile(lat, 50), f"{C.percentile(lat, 50):.2f} ms"
-                )
-                self.record(
-                    "busd.pushlat.p99", C.percentile(lat, 99), f"{C.percentile(lat, 99):.2f} ms"
-                )
-                self.record("busd.pushlat.rate", achieved, f"{achieved:,.0f} msg/s offered")
+                p50, p99 = C.percentile(lat, 50), C.percentile(lat, 99)
+                self.record(f"busd.{key}.p50", p50, f"{p50:.2f} ms")
+                self.record(f"busd.{key}.p99", p99, f"{p99:.2f} ms")
+                self.record(f"busd.{key}.rate", achieved, f"{achieved:,.0f} msg/s offered")
 
     def restart(self, journaled: int, waiting: int) -> None:
         section("memory, restart, status")
@@ -1041,7 +1039,10 @@ class Bench:
 
             return prep_drop, (
                 lambda: (
-                    C.run_group(W.drop_files, [dict(root=str(bus.root), count=count, timeout=600)])
+                    C.run_group(
+                        W.drop_files,
+                        [dict(root=str(bus.root), count=count, agents=agents, timeout=600)],
+                    )
                     and None
                 )
             )
@@ -1065,6 +1066,7 @@ _KEYS = {
     "drop": ["busd.drop", "disk.files", "disk.create"],
     "droplat": ["busd.droplat.p50", "busd.droplat.p99"],
     "pushlat": ["busd.pushlat.p50", "busd.pushlat.p99", "busd.pushlat.rate"],
+    "pushlow": ["busd.pushlow.p50", "busd.pushlow.p99", "busd.pushlow.rate"],
     "restart": ["busd.restart", "busd.status_cli", "busd.status_rpc", "busd.rss_idle",
                 "busd.rss_loaded", "busd.rss_built"],
 }  # fmt: skip
@@ -1337,6 +1339,18 @@ def rows(b: Bench) -> list[R.Row]:
             sub=True,
         ),
         R.Row(
+            f"latency: publish → push, p50 at {PUSH_LOW_RATE:,.0f} msg/s",
+            "busd.pushlow.p50",
+            "ms",
+            sub=True,
+        ),
+        R.Row(
+            f"latency: publish → push, p99 at {PUSH_LOW_RATE:,.0f} msg/s",
+            "busd.pushlow.p99",
+            "ms",
+            sub=True,
+        ),
+        R.Row(
             f"restart with {s.journaled:,} journaled messages and {s.waiting:,} waiting files",
             "busd.restart",
             "s",
@@ -1562,6 +1576,9 @@ def main() -> int:
             b.guard("drop", lambda: b.drop(SIZES.drop))
             b.guard("droplat", lambda: b.drop_latency(SIZES.drop_lat))
             b.guard("pushlat", lambda: b.push_latency(SIZES.push_lat))
+            b.guard(
+                "pushlow", lambda: b.push_latency(SIZES.push_lat // 5, PUSH_LOW_RATE, "pushlow")
+            )
             b.guard("restart", lambda: b.restart(SIZES.journaled, SIZES.waiting))
             if os.environ.get("BENCH_NO_PROFILE") == "1":
                 b.info["profile_note"] = "BENCH_NO_PROFILE=1"
