@@ -685,6 +685,7 @@ class Bench:
                     W.busd_publish,
                     [dict(socket=str(bus.socket), prefix=tag, count=count, batch=1000, to=tag)],
                 )
+                drained(bus)  # consume what waits in the inbox, as the peers do
                 self.measure(
                     f"busd.{key}",
                     W.busd_consume,
