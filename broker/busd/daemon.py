@@ -7,12 +7,17 @@ waited while no daemon ran), then report ready (log line + ``READY=1``).
 
 Shutdown on SIGTERM/SIGINT, in order: stop watching, let the batch in flight
 finish its journal append and fsync (worker threads are never abandoned),
-stop the timers, release the lock. A second SIGINT, or the shutdown timeout
-running out, calls ``on_force_exit`` (the CLI exits the process). SIGHUP
-re-reads the config file and environment.
+stop the timers, write the inbox files still queued, checkpoint, release the
+lock. A second SIGINT, or the shutdown timeout running out, calls
+``on_force_exit`` (the CLI exits the process). SIGHUP re-reads the config file
+and environment.
 
-Group commit falls out of the structure: while one batch is in its worker
-thread, new hints pile up, and the next pass takes all of them at once.
+Routing runs in two lanes: the route loop commits batches (journal append and
+fsync, then the publishers are answered) while the delivery loop writes the
+inbox files of the batches committed before (docs/internals.md). Group commit
+falls out of the structure: while one batch is in its worker thread, new hints
+and publishes pile up, and the next commit takes all of them at once; it also
+waits briefly for publishers it just answered (:meth:`Daemon._gather`).
 """
 
 from __future__ import annotations
