@@ -425,30 +425,18 @@ def disk_append(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
 def disk_create(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     """Per message: create a tmp file, write it, close, rename it into place (no fsync):
     what one delivery costs the filesystem before any durability."""
-    base = Path(args["dir"])
-    tmp, target = base / "tmp-c", base / "target-c"
-    tmp.mkdir(exist_ok=True)
-    target.mkdir(exist_ok=True)
-    data = b"x" * args.get("size", 500)
-    count = args["count"]
-    barrier.wait(60)
-    start = time.monotonic()
-    for i in range(count):
-        src = tmp / f"{i}.tmp"
-        fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, data)
-        os.close(fd)
-        os.rename(src, target / f"{i}.json")
-    result = _timed(start, count)
-    for p in target.iterdir():
-        p.unlink()
-    return result
+    return _disk_files(args, barrier, durable=False)
 
 
 def disk_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     """Per message: write a tmp file, fsync it, rename it into place, fsync the directory."""
+    return _disk_files(args, barrier, durable=True)
+
+
+def _disk_files(args: dict[str, Any], barrier: Any, *, durable: bool) -> dict[str, Any]:
     base = Path(args["dir"])
-    tmp, target = base / "tmp", base / "target"
+    suffix = "" if durable else "-c"
+    tmp, target = base / f"tmp{suffix}", base / f"target{suffix}"
     tmp.mkdir(exist_ok=True)
     target.mkdir(exist_ok=True)
     data = b"x" * args.get("size", 500)
@@ -459,12 +447,14 @@ def disk_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
         src = tmp / f"{i}.tmp"
         fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         os.rename(src, target / f"{i}.json")
-        dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(dfd)
-        os.close(dfd)
+        if durable:
+            dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dfd)
+            os.close(dfd)
     result = _timed(start, count)
     for p in target.iterdir():
         p.unlink()
