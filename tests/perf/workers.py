@@ -19,6 +19,7 @@ from typing import Any
 from tests.perf.common import (
     Inotify,
     Rpc,
+    count_files,
     envelope,
     publish_batch_line,
     publish_line,
@@ -193,19 +194,11 @@ def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
             raise TimeoutError("the outbox did not drain")
         time.sleep(0.005)
     inboxes = [root / "inbox" / a for a in args["agents"]]
-    while sum(_count(d) for d in inboxes) < len(staged):
+    while sum(count_files(d) for d in inboxes) < len(staged):
         if time.monotonic() > deadline:
             raise TimeoutError("the deliveries did not all appear")
         time.sleep(0.02)
     return _timed(start, len(staged))
-
-
-def _count(directory: Path) -> int:
-    try:
-        with os.scandir(directory) as it:
-            return sum(1 for e in it if not e.name.startswith("."))
-    except FileNotFoundError:
-        return 0
 
 
 def drop_latency(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
