@@ -175,6 +175,19 @@ def test_source_seen_again_before_finish_is_a_duplicate_not_a_redo(bus: Bus) -> 
     assert outbox_files(bus) == []
 
 
+def test_foreign_inbox_file_seen_again_before_finish_is_still_delivered(bus: Bus) -> None:
+    """A file written straight into an inbox, scanned twice before finish(), arrives once."""
+    path = bus.layout.inbox_dir("bob") / "from-a-script.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(message_bytes("m-1"))
+    with Router(bus.config) as router:
+        first = router.commit([path])
+        again = router.commit([path])
+        assert path.exists()  # not removed as a duplicate: finish() renames it in place
+        router.finish(first, again)
+    assert delivered_ids(bus, "bob") == ["m-1"]
+
+
 def test_finish_of_several_batches_keeps_commit_order(bus: Bus) -> None:
     """Batches finished together are listed in the inbox in the order they were committed."""
     with Router(bus.config) as router:

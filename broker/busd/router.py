@@ -132,8 +132,10 @@ class Router:
         # (files written, maybe not yet synced): what a checkpoint may cover.
         self.delivered: Position = self.position
         self.unsynced: list[Path] = []
-        # Message ids committed but not yet delivered by finish(): a source seen
-        # again meanwhile is a duplicate, not a redo (which would deliver twice).
+        # Ids from outbox files committed but not yet delivered by finish(): the
+        # same file dropped again meanwhile is a duplicate, not a redo (which would
+        # deliver twice). A foreign inbox file stays a redo: finish() renames it in
+        # place, so it must not be removed as a duplicate while it waits.
         self.in_flight: set[str] = set()
 
     def __enter__(self) -> Router:
@@ -248,11 +250,11 @@ class Router:
             if item.incoming is not None:
                 item.incoming.outcome = "accepted"
                 item.incoming = None  # its raw bytes need not wait for finish()
-            self.in_flight.add(item.msg.message_id)
             report.accepted += 1
             report.delivered += len(item.recipients or ())
             if item.path is not None and item.path.parent.parent != self.layout.inbox:
                 removals.append(item.path)  # journaled: the source has done its job
+                self.in_flight.add(item.msg.message_id)
         for path in removals:
             _unlink(path)
         if batch.accepted:
