@@ -105,18 +105,35 @@ def build_slow_fsync(out_dir: Path) -> tuple[Path | None, str]:
     return lib, ""
 
 
-class Daemon:
-    """``busd run`` on ``root`` with JSON logs read from stderr in a thread."""
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without any BUSD_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
+    env.update(extra or {})
+    return env
 
-    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
+
+class Daemon:
+    """``busd run`` on ``root`` with JSON logs read from stderr in a thread.
+
+    ``prefix`` goes before the busd command (``setpriv ...``, ``strace ...``);
+    ``preexec`` runs in the child before it becomes busd.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.root = root
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
-        full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [BUSD, "run", "--root", str(root), "--log-format", "json", *args],
+            [*(prefix or []), BUSD, "run", "--root", str(root), "--log-format", "json", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=full_env,
+            env=clean_env(env),
+            preexec_fn=preexec,
         )
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.log: list[dict[str, Any]] = []

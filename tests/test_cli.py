@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +23,8 @@ from busd.journal import Journal
 from busd.layout import Layout
 from busd.recovery import route_pending
 from conftest import message_dict, run_python
+from daemon_harness import BUSD, clean_env
 
-BUSD = str(Path(sys.executable).with_name("busd"))
 ID_RE = re.compile(r"^MSG-\d{8}-\d{6}-\d{9}-PID[0-9A-Z]{5}-\d{4}$")
 
 _HOLD_LOCK = """
@@ -38,13 +37,6 @@ assert lock.acquire(timeout=5)
 print("locked", flush=True)
 time.sleep(120)
 """
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any BUSD_* variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
-    env.update(extra)
-    return env
 
 
 def start(
@@ -245,7 +237,7 @@ def test_recv_without_json_prints_markdown_front_matter(root: Path, tmp_path: Pa
 
 def test_ack_then_recv_gets_nothing_even_after_the_lease(root: Path, tmp_path: Path) -> None:
     """An acked message never comes back; an unacked one returns once its lease expires."""
-    env = clean_env(BUSD_LEASE_SECONDS="0.5")
+    env = clean_env({"BUSD_LEASE_SECONDS": "0.5"})
     drop(root, message_dict("m-acked"), message_dict("m-dropped"))
     recv = ("--root", str(root), "recv", "bob", "--max", "5", "--json")
     claimed = ok(busd(*recv, cwd=tmp_path, env=env))

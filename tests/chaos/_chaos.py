@@ -9,12 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 
 from busd.journal import Journal, JournalEntry
-from daemon_harness import BUSD, Daemon
+from daemon_harness import Daemon
 
 LONG = os.environ.get("CHAOS_LONG", "") not in ("", "0")
 """True under ``make chaos``: run the long versions."""
@@ -44,13 +42,6 @@ def report(title: str, **figures: Any) -> None:
             f.write(json.dumps({"test": title, **figures}) + "\n")
 
 
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without BUSD_* variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUSD_")}
-    env.update(extra or {})
-    return env
-
-
 class ChaosDaemon(Daemon):
     """``busd run`` like :class:`daemon_harness.Daemon`, optionally behind a wrapper.
 
@@ -66,7 +57,6 @@ class ChaosDaemon(Daemon):
         prefix: list[str] | None = None,
         nofile: int | None = None,
     ) -> None:
-        self.root = root
         preexec: Callable[[], None] | None = None
         if nofile is not None:
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -74,17 +64,7 @@ class ChaosDaemon(Daemon):
             def preexec() -> None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
-        self.proc = subprocess.Popen(
-            [*(prefix or []), BUSD, "run", "--root", str(root), "--log-format", "json", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=clean_env(env),
-            preexec_fn=preexec,
-        )
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.log: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(root, *args, env=env, prefix=prefix, preexec=preexec)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -36,7 +36,6 @@ from _chaos import (
     LONG,
     ChaosDaemon,
     accepted_ids,
-    clean_env,
     dlq_records,
     hidden_leftovers,
     journal_entries,
@@ -51,7 +50,7 @@ from busd.config import load_config
 from busd.consumer import Consumer
 from busd.fsio import fsync_dir
 from busd.layout import init_bus, parse_delivery_name
-from daemon_harness import BUSD, drop, files, message, wait_for
+from daemon_harness import BUSD, clean_env, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(5400 if LONG else 240)
 

@@ -22,7 +22,6 @@ from _chaos import (
     LONG,
     ChaosDaemon,
     accepted_ids,
-    clean_env,
     fill,
     hidden_leftovers,
     journal_entries,
@@ -43,7 +42,7 @@ from busd.consumer import Consumer
 from busd.delivery import arrival_clock
 from busd.layout import delivery_name, init_bus, parse_delivery_name
 from busd.router import Incoming, Router
-from daemon_harness import BUSD, drop, files, message, wait_for
+from daemon_harness import BUSD, clean_env, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(600 if LONG else 120)
 

@@ -31,6 +31,18 @@ def _version(cmd: list[str]) -> str:
     return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
 
 
+def _stop(proc: subprocess.Popen[bytes] | None, directory: Path) -> None:
+    """Terminate a peer server (kill it after 20 s) and remove its directory."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 class RedisServer:
     """``redis-server`` on a Unix socket with AOF ``appendfsync always``; no RDB snapshots."""
 
@@ -95,14 +107,7 @@ class RedisServer:
         r.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _stop(self.proc, self.dir)
 
 
 def nats_supports_sync_always(binary: str) -> bool:
@@ -156,14 +161,7 @@ class NatsServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _stop(self.proc, self.dir)
 
 
 async def nats_reset_stream(url: str, stream: str, subject: str) -> None:
