@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from busd.config import Config, load_config
-from busd.layout import Layout, init_bus
+from busd.store.layout import Layout, init_bus
 from daemon_harness import Daemon
 
 

@@ -56,7 +56,7 @@ def files(directory: Path) -> list[Path]:
 
 def delivered_ids(directory: Path) -> list[str]:
     """Message ids of the delivery files in ``directory``, in listing (arrival) order."""
-    from busd.layout import parse_delivery_name
+    from busd.store.layout import parse_delivery_name
 
     out = []
     for p in files(directory):
@@ -68,7 +68,7 @@ def delivered_ids(directory: Path) -> list[str]:
 
 def journal_ids(root: Path, event: str = "accepted") -> list[str]:
     """Message ids of the journal entries of ``event``, in append order."""
-    from busd.journal import Journal
+    from busd.store.journal import Journal
 
     with Journal(root / "journal") as j:
         return [e.message_id for e in j.read(events=(event,)) if e.message_id]

@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .errors import ConfigError, InvalidName
-from .layout import Layout
+from busd.errors import ConfigError, InvalidName
+from busd.store.layout import Layout
 
 __all__ = [
     "ENV_PREFIX",
@@ -213,7 +213,7 @@ class ConfigLoader:
 def _check_names(config: Config, merged: dict[str, tuple[Any, str]]) -> None:
     """Agent names in the config follow the same rule as everywhere else."""
     # Imported here: model is heavy and only this check needs it.
-    from .model import check_agent_name
+    from busd.core.model import check_agent_name
 
     def source(key: str) -> str:
         return merged[key][1] if key in merged else "configuration"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from busd.journal import Journal, JournalEntry
+from busd.store.journal import Journal, JournalEntry
 from daemon_harness import Daemon
 
 LONG = os.environ.get("CHAOS_LONG", "") not in ("", "0")

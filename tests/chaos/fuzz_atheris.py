@@ -20,10 +20,10 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports():
-    from busd.codec import decode
+    from busd.core.codec import decode
     from busd.errors import InvalidMessage
-    from busd.journal import decode_entry
-    from busd.protocol import RpcError, parse_request
+    from busd.rpc.protocol import RpcError, parse_request
+    from busd.store.journal import decode_entry
 
 _SEEDS = [
     json.dumps(

@@ -37,8 +37,8 @@ from _chaos import ChaosDaemon, open_fds, rss_kb  # noqa: E402
 
 from _rpc import Rpc  # noqa: E402
 from busd.config import load_config  # noqa: E402
-from busd.consumer import Consumer  # noqa: E402
-from busd.layout import init_bus  # noqa: E402
+from busd.routing.consumer import Consumer  # noqa: E402
+from busd.store.layout import init_bus  # noqa: E402
 from daemon_harness import message  # noqa: E402
 
 ENV = {

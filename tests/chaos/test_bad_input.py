@@ -23,7 +23,7 @@ import pytest
 from _chaos import ChaosDaemon, dlq_records, journal_entries, report, rss_kb, scale
 
 from _rpc import Rpc
-from busd.layout import init_bus, parse_delivery_name
+from busd.store.layout import init_bus, parse_delivery_name
 from daemon_harness import files, message, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -678,7 +678,7 @@ def test_absurd_lease_or_delay_is_invalid_params(shared_conn, value: float) -> N
 def test_router_handles_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     """Daemon-less routing pass over an outbox holding a non-UTF-8 name and a normal file."""
     from busd.config import load_config
-    from busd.router import Router
+    from busd.routing.router import Router
 
     root = init_bus(tmp_path / "bus").root
     outbox = root / "outbox" / "alice"

@@ -22,11 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from _rpc import Rpc
-from busd.codec import decode, encode_markdown
+from busd.core.codec import decode, encode_markdown
 from busd.errors import InvalidMessage, Reason
-from busd.journal import decode_entry
-from busd.layout import init_bus
-from busd.protocol import (
+from busd.rpc.protocol import (
     AckParams,
     DlqShowParams,
     ExtendParams,
@@ -40,7 +38,9 @@ from busd.protocol import (
     parse_params,
     parse_request,
 )
-from busd.server import _Lines
+from busd.rpc.server import _Lines
+from busd.store.journal import decode_entry
+from busd.store.layout import init_bus
 from daemon_harness import message
 
 pytestmark = pytest.mark.timeout(3600 if LONG else 120)

@@ -47,9 +47,9 @@ from _chaos import (
 from _rpc import Rpc
 from busclient import BusError, Client
 from busd.config import load_config
-from busd.consumer import Consumer
-from busd.fsio import fsync_dir
-from busd.layout import init_bus, parse_delivery_name
+from busd.routing.consumer import Consumer
+from busd.store.fsio import fsync_dir
+from busd.store.layout import init_bus, parse_delivery_name
 from daemon_harness import BUSD, clean_env, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(5400 if LONG else 240)
@@ -394,7 +394,7 @@ time.sleep(3600)
 _FILE_HOLDER = r"""
 import sys, time
 from busd.config import load_config
-from busd.consumer import Consumer
+from busd.routing.consumer import Consumer
 config = load_config(root=sys.argv[1], env={"BUSD_LEASE_SECONDS": "1"})
 print(len(Consumer(config, "bob").claim(int(sys.argv[2]))), flush=True)
 time.sleep(3600)
@@ -697,8 +697,8 @@ def test_claim_during_a_checkpoint_does_not_kill_the_daemon(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A consumer claims a delivery exactly while the checkpoint fsyncs it."""
-    from busd.recovery import write_checkpoint
-    from busd.router import Router
+    from busd.routing.recovery import write_checkpoint
+    from busd.routing.router import Router
 
     config = load_config(root=str(root), env={})
     drop(root, message(1), "a.json")

@@ -34,14 +34,14 @@ from _chaos import (
 )
 
 from _rpc import Rpc, RpcFailure
-from busd import ids as busd_ids
-from busd import router as busd_router
-from busd.codec import decode
 from busd.config import load_config
-from busd.consumer import Consumer
-from busd.delivery import arrival_clock
-from busd.layout import delivery_name, init_bus, parse_delivery_name
-from busd.router import Incoming, Router
+from busd.core import ids as busd_ids
+from busd.core.codec import decode
+from busd.routing import router as busd_router
+from busd.routing.consumer import Consumer
+from busd.routing.router import Incoming, Router
+from busd.store.layout import delivery_name, init_bus, parse_delivery_name
+from busd.store.mailbox import arrival_clock
 from daemon_harness import BUSD, clean_env, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(600 if LONG else 120)
@@ -521,7 +521,7 @@ def test_clock_jumping_backwards_keeps_ids_unique_and_journal_in_append_order(
 
 def test_recovery_reads_each_ledger_once_not_once_per_entry(tmp_path: Path) -> None:
     """150 acked entries after the checkpoint, a 60,000-record ledger: recovery is quick."""
-    from busd.recovery import recover_deliveries
+    from busd.routing.recovery import recover_deliveries
 
     root = init_bus(tmp_path / "bus").root
     config = load_config(root=str(root), env={})

@@ -24,7 +24,7 @@ import pytest
 from _chaos import ChaosDaemon, report, rss_kb
 
 from _rpc import Rpc
-from busd.layout import init_bus
+from busd.store.layout import init_bus
 from daemon_harness import BUSD, drop, files, message, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -274,7 +274,7 @@ _UNSAFE_YAML_CLASSES = {"Loader", "UnsafeLoader", "FullLoader", "UnsafeConstruct
 
 
 def _sources() -> list[Path]:
-    return sorted([*(REPO / "broker" / "busd").glob("*.py"), *(REPO / "clients").rglob("*.py")])
+    return sorted([*(REPO / "broker" / "busd").rglob("*.py"), *(REPO / "clients").rglob("*.py")])
 
 
 def test_no_eval_no_pickle_only_safe_yaml_in_the_code() -> None:
@@ -302,7 +302,7 @@ def test_no_eval_no_pickle_only_safe_yaml_in_the_code() -> None:
             ):
                 problems.append(f"{where} uses yaml.{node.attr}")
     assert problems == []
-    codec = (REPO / "broker" / "busd" / "codec.py").read_text()
+    codec = (REPO / "broker" / "busd" / "core" / "codec.py").read_text()
     assert "class _FrontMatterLoader(yaml.SafeLoader)" in codec
 
 

@@ -348,7 +348,7 @@ def machine() -> dict[str, str]:
     }
 
 
-def import_breakdown(module: str = "busd.cli", top: int = 7) -> str:
+def import_breakdown(module: str = "busd.cli.main", top: int = 7) -> str:
     """What ``import module`` costs, and the slowest top-level packages it pulls in."""
     ok, out = _run([sys.executable, "-X", "importtime", "-c", f"import {module}"], 60)
     packages: dict[str, int] = {}

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import msgspec
 
-from busd.journal import Journal, JournalEntry
-from busd.layout import delivery_name, init_bus
+from busd.store.journal import Journal, JournalEntry
+from busd.store.layout import delivery_name, init_bus
 
 BUSD = str(Path(sys.executable).with_name("busd"))
 MESSAGES = 100_000

@@ -1,0 +1,574 @@
+"""``busd doctor``: checks that explain what is wrong with a bus, and safe repairs.
+
+:func:`diagnose` runs every check in a fixed order and returns one
+:class:`Finding` per check: ``status`` is ``ok``, ``warn`` or ``error``,
+``detail`` says what was seen and what to do, ``fixed`` tells whether
+``fix=True`` repaired it. Nothing here prints. The checks read metadata only
+(modes, owners, mtimes, ``/proc``), never a message or the journal.
+
+Repairs are limited to what cannot lose data or disturb a running daemon:
+removing socket files nothing listens on (only while no process holds the bus
+lock), removing files in ``tmp/`` older than a day, returning claims whose lease
+expired long ago (:func:`busd.consumer.return_expired`), narrowing modes to
+0700 / 0600, creating missing layout directories, and replacing stale bus-lock
+content by taking the lock for an instant as a CLI pass does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from busd.config import PATH_FILE, Config
+from busd.routing.consumer import return_expired
+from busd.routing.retention import TMP_MAX_AGE_S
+from busd.rpc.client import endpoints
+from busd.store.buslock import BusLock
+from busd.store.layout import init_bus
+
+__all__ = [
+    "CHECKS",
+    "CLAIM_EXPIRED_LONG_AGO_S",
+    "Finding",
+    "diagnose",
+    "flock_holders",
+    "pid_alive",
+]
+
+Status = Literal["ok", "warn", "error"]
+
+CLAIM_EXPIRED_LONG_AGO_S = 300.0
+"""A claim whose lease ran out this long ago should have been returned by a sweep."""
+_DISK_MIN_FREE_BYTES = 1 << 30
+_DISK_MIN_FREE_RATIO = 0.05
+_SUBDIRS = ("tmp", "outbox", "inbox", "locks", "processed", "dlq", "journal")
+# Filesystems where inotify misses changes (made on other machines, or by a FUSE
+# daemon): busd then only sees files at its periodic rescan.
+_REMOTE_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse", "fuseblk"}
+)
+_SHOWN = 5
+
+
+@dataclass(slots=True)
+class Finding:
+    """The outcome of one check."""
+
+    check: str
+    status: Status
+    detail: str
+    fixed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape: ``{check, status, detail, fixed}``."""
+        return {
+            "check": self.check,
+            "status": self.status,
+            "detail": self.detail,
+            "fixed": self.fixed,
+        }
+
+
+def _fixed(finding: Finding, how: str) -> Finding:
+    finding.fixed = True
+    finding.detail = f"{finding.detail}; fixed: {how}"
+    return finding
+
+
+def _shown(items: list[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (ours or another user's)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def flock_holders(path: Path) -> list[int] | None:
+    """Pids holding a ``flock`` on ``path`` (from ``/proc/locks``); None if unknown.
+
+    Looking costs nothing and, unlike trying the lock, cannot make a starting
+    daemon believe another one runs.
+    """
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: list[int] = []
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:  # a waiter, not a holder
+            continue
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == wanted:
+            try:
+                pids.append(int(parts[4]))
+            except ValueError:
+                continue
+    return pids
+
+
+# -- checks ------------------------------------------------------------------
+
+
+def _layout(config: Config, fix: bool) -> Finding:
+    root = config.layout.root
+    missing = [d for d in _SUBDIRS if not (root / d).is_dir()]
+    if missing:
+        f = Finding("layout", "error", f"{root} lacks {', '.join(missing)}/")
+        if fix:
+            init_bus(root)
+            return _fixed(f, "created them (busd init)")
+        return f
+    root_dev = os.stat(root).st_dev
+    other = [d for d in _SUBDIRS if os.stat(root / d).st_dev != root_dev]
+    if other:
+        return Finding(
+            "layout",
+            "error",
+            f"{', '.join(other)} on another filesystem than {root}: the protocol renames "
+            "files between these directories, so everything must be on one filesystem",
+        )
+    return Finding("layout", "ok", f"{root}: all {len(_SUBDIRS)} directories present")
+
+
+def _mode_problem(path: Path, wanted: int, owner: int) -> tuple[str | None, bool]:
+    """``(problem, fixable)`` for ``path``'s owner and mode; problem is None if fine."""
+    st = os.lstat(path)
+    if st.st_uid != owner:
+        return f"{path} is owned by uid {st.st_uid}, not by uid {owner}", False
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return f"{path} is {mode:04o}, expected {wanted:04o}", True
+    return None, False
+
+
+def _shared(config: Config) -> bool:
+    return bool(config.allowed_uids or config.allowed_gids)
+
+
+def _root_permissions(config: Config, fix: bool) -> Finding:
+    root = config.layout.root
+    problem, fixable = _mode_problem(root, 0o700, os.geteuid())
+    if problem is None:
+        return Finding("root_permissions", "ok", f"{root} is 0700 and yours")
+    if fixable and _shared(config):
+        return Finding(
+            "root_permissions",
+            "ok",
+            f"{problem}: widened on purpose, as allowed_uids/allowed_gids are set",
+        )
+    if not fixable:
+        return Finding(
+            "root_permissions",
+            "error",
+            f"{problem} (you): run busd as the bus owner (sudo -u ...), or files you create "
+            "will be unreadable to it",
+        )
+    f = Finding("root_permissions", "warn", f"{problem}: other users can reach the bus")
+    if fix:
+        os.chmod(root, 0o700)
+        return _fixed(f, "chmod 0700")
+    return f
+
+
+def _directories(config: Config) -> list[Path]:
+    layout = config.layout
+    dirs = [layout.root / d for d in _SUBDIRS]
+    for parent in (layout.outbox, layout.inbox, layout.locks):
+        try:
+            with os.scandir(parent) as it:
+                dirs += [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            continue
+    return dirs
+
+
+def _directory_permissions(config: Config, fix: bool) -> Finding:
+    owner = os.stat(config.layout.root).st_uid  # the bus owner, whoever runs doctor
+    wide: list[Path] = []
+    foreign: list[str] = []
+    for path in _directories(config):
+        try:
+            problem, fixable = _mode_problem(path, 0o700, owner)
+        except FileNotFoundError:
+            continue
+        if problem is not None and fixable:
+            wide.append(path)
+        elif problem is not None:
+            foreign.append(problem)
+    if foreign:
+        return Finding(
+            "directory_permissions",
+            "error",
+            f"{_shown(foreign)}: busd cannot manage them; chown them to the bus owner",
+        )
+    if not wide:
+        return Finding(
+            "directory_permissions", "ok", "every bus directory is 0700 and the bus owner's"
+        )
+    names = [str(p.relative_to(config.layout.root)) for p in wide]
+    f = Finding(
+        "directory_permissions",
+        "warn",
+        f"{len(wide)} directories wider than 0700: {_shown(names)} "
+        "(a producer without umask 077 made them)",
+    )
+    if fix:
+        for path in wide:
+            os.chmod(path, 0o700)
+        return _fixed(f, f"chmod 0700 on {len(wide)}")
+    return f
+
+
+def _probe(path: Path) -> int:
+    """0 if something accepts on the socket at ``path``, else the errno."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2.0)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        return exc.errno or errno.ECONNREFUSED
+    finally:
+        sock.close()
+    return 0
+
+
+def _socket(config: Config, fix: bool) -> Finding:
+    root = config.layout.root
+    owner = os.stat(root).st_uid
+    path_file = root / PATH_FILE
+    lines: list[str] = []
+    stale: list[Path] = []
+    worst: Status = "ok"
+
+    def note(status: Status, text: str) -> None:
+        nonlocal worst
+        lines.append(text)
+        if status == "error" or (status == "warn" and worst == "ok"):
+            worst = status
+
+    for path in endpoints(config):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            note("error", f"{path} exists but is not a socket: move it away")
+            continue
+        err = _probe(path)
+        if err == 0:
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid != owner:
+                note("warn", f"daemon listening at {path}, owned by uid {st.st_uid}, not {owner}")
+            elif mode & 0o077:
+                note("warn", f"daemon listening at {path} with mode {mode:04o}, expected 0600")
+            else:
+                note("ok", f"daemon listening at {path} (0600)")
+        elif err in (errno.ECONNREFUSED, errno.ENOENT):
+            stale.append(path)
+            note("warn", f"stale socket file {path}: nothing listens (the daemon died?)")
+        else:
+            note("warn", f"cannot connect to {path}: {os.strerror(err)}")
+    written = _read_path_file(path_file)
+    if written is not None and not os.path.lexists(written):
+        note("warn", f"{PATH_FILE} names {written}, which does not exist")
+        stale.append(path_file)
+    if not lines:
+        return Finding("socket", "ok", "no socket file (no daemon running)")
+    f = Finding("socket", worst, "; ".join(lines))
+    if fix and stale and worst == "warn":
+        holders = flock_holders(config.layout.lock_file)
+        if holders:
+            # Someone routes this bus right now (a daemon starting?): leave its files alone.
+            return f
+        removed = []
+        for path in stale:
+            if path == path_file or _probe(path) in (errno.ECONNREFUSED, errno.ENOENT):
+                try:
+                    os.unlink(path)
+                    removed.append(str(path))
+                except FileNotFoundError:
+                    continue
+        if written is not None and Path(written) in stale:
+            try:
+                os.unlink(path_file)
+                removed.append(str(path_file))
+            except FileNotFoundError:
+                pass
+        if removed:
+            return _fixed(f, f"removed {', '.join(dict.fromkeys(removed))}")
+    return f
+
+
+def _read_path_file(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text or None
+
+
+def _lock(config: Config, fix: bool) -> Finding:
+    lock_file = config.layout.lock_file
+    if not lock_file.exists():
+        return Finding("lock", "ok", "busd.lock does not exist yet (nothing has routed)")
+    lock = BusLock(config.layout, role="cli")
+    holder = lock.holder()
+    holders = flock_holders(lock_file)
+    pid = holder.get("pid") if holder else None
+    role = holder.get("role") if holder else None
+    if holders:
+        return Finding("lock", "ok", f"held by pid {_shown([str(p) for p in holders])} ({role})")
+    if holder is None or not isinstance(pid, int):
+        f = Finding("lock", "warn", "busd.lock content is unreadable")
+    elif holders is None and pid_alive(pid):
+        return Finding("lock", "ok", f"last taken by pid {pid} ({role}), which is alive")
+    elif role == "daemon" and not pid_alive(pid):
+        f = Finding(
+            "lock",
+            "warn",
+            f"stale lock: busd.lock names daemon pid {pid}, which is not running, and "
+            "nobody holds the lock: the daemon died without stopping (crash, kill -9, "
+            "out of memory). Harmless for the next start; see why it died "
+            "(journalctl -u busd) and start it again",
+        )
+    else:
+        return Finding("lock", "ok", f"free; last taken by pid {pid} ({role})")
+    if fix and lock.acquire(timeout=0):
+        # What any CLI routing pass does: the content now names a short-lived cli holder.
+        lock.release()
+        return _fixed(f, "rewrote busd.lock by taking and releasing the lock")
+    return f
+
+
+def _claims(config: Config, fix: bool) -> Finding:
+    locks = config.layout.locks
+    limit = time.time() - CLAIM_EXPIRED_LONG_AGO_S
+    old: dict[str, int] = {}
+    try:
+        agents = sorted(e.name for e in os.scandir(locks) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        agents = []
+    for agent in agents:
+        try:
+            with os.scandir(locks / agent) as it:
+                for e in it:
+                    try:
+                        if e.stat(follow_symlinks=False).st_mtime < limit:
+                            old[agent] = old.get(agent, 0) + 1
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            continue
+    if not old:
+        return Finding("expired_claims", "ok", "no claim expired long ago")
+    total = sum(old.values())
+    who = _shown([f"{a} ({n})" for a, n in old.items()])
+    f = Finding(
+        "expired_claims",
+        "warn",
+        f"{total} claims expired more than {CLAIM_EXPIRED_LONG_AGO_S / 60:g} min ago and were "
+        f"not returned: {who}. Claims record no pid; the consumer died or no sweep ran "
+        "(no daemon; `busd recv AGENT` sweeps its agent)",
+    )
+    if fix:
+        report = return_expired(config)
+        return _fixed(
+            f,
+            f"returned {len(report.returned)} to their inboxes, "
+            f"dead-lettered {len(report.dead_lettered)} (delivery limit)",
+        )
+    return f
+
+
+def _tmp(config: Config, fix: bool) -> Finding:
+    tmp = config.layout.tmp
+    limit = time.time() - TMP_MAX_AGE_S
+    old: list[str] = []
+    try:
+        with os.scandir(tmp) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode) and st.st_mtime < limit:
+                    old.append(e.name)
+    except FileNotFoundError:
+        return Finding("tmp_files", "ok", "no tmp/ directory")
+    if not old:
+        return Finding("tmp_files", "ok", "no file in tmp/ older than a day")
+    f = Finding(
+        "tmp_files",
+        "warn",
+        f"{len(old)} files in tmp/ older than a day (writes abandoned by killed producers): "
+        f"{_shown(sorted(old))}",
+    )
+    if fix:
+        removed = 0
+        for name in old:
+            try:
+                os.unlink(tmp / name)
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return _fixed(f, f"removed {removed}")
+    return f
+
+
+def _inotify(config: Config, fix: bool) -> Finding:
+    if config.force_polling:
+        return Finding("inotify", "ok", "force_polling = true: the daemon polls, no watches used")
+    try:
+        limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text().strip())
+    except (OSError, ValueError):
+        return Finding("inotify", "ok", "no inotify limit to check on this system")
+    layout = config.layout
+    needed = 2  # outbox/ and inbox/ themselves
+    for parent in (layout.outbox, layout.inbox):
+        try:
+            with os.scandir(parent) as it:
+                needed += sum(1 for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+    detail = f"the daemon needs about {needed} watches; max_user_watches is {limit}"
+    if needed > limit:
+        return Finding(
+            "inotify",
+            "error",
+            f"{detail}: events will be lost (only the periodic rescan sees new files). "
+            "Raise it: sysctl fs.inotify.max_user_watches=524288",
+        )
+    if needed > limit // 2:
+        return Finding(
+            "inotify",
+            "warn",
+            f"{detail}, shared with every other program of this user: raise it "
+            "(sysctl fs.inotify.max_user_watches=524288)",
+        )
+    return Finding("inotify", "ok", detail)
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _disk(config: Config, fix: bool) -> Finding:
+    root = config.layout.root
+    usage = shutil.disk_usage(root)
+    ratio = usage.free / usage.total if usage.total else 1.0
+    detail = f"{_gib(usage.free)} free of {_gib(usage.total)} ({ratio:.0%})"
+    try:
+        vfs = os.statvfs(root)
+        inodes = vfs.f_favail / vfs.f_files if vfs.f_files else 1.0
+    except OSError:
+        inodes = 1.0
+    if usage.free < _DISK_MIN_FREE_BYTES or ratio < _DISK_MIN_FREE_RATIO:
+        return Finding(
+            "disk_space",
+            "warn",
+            f"{detail}: under 5% or 1 GiB. When the disk fills, producers and the journal "
+            "fail (storage_error); run `busd gc`, lower journal_max_bytes, or free space",
+        )
+    if inodes < _DISK_MIN_FREE_RATIO:
+        return Finding(
+            "disk_space",
+            "warn",
+            f"{detail}, but only {inodes:.0%} of inodes are free: each message is a file",
+        )
+    return Finding("disk_space", "ok", detail)
+
+
+def _mount_of(path: Path) -> tuple[str, str] | None:
+    """``(mount point, fstype)`` of the mount holding ``path``, from /proc/mounts."""
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, parts[2])
+    return best
+
+
+def _filesystem(config: Config, fix: bool) -> Finding:
+    mount = _mount_of(config.layout.root)
+    if mount is None:
+        return Finding("filesystem", "ok", "filesystem type unknown (no /proc/mounts)")
+    point, fstype = mount
+    base = fstype.split(".", 1)[0]
+    detail = f"{fstype} mounted at {point}"
+    if base in _REMOTE_FS or fstype in _REMOTE_FS:
+        if config.force_polling:
+            return Finding("filesystem", "ok", f"{detail}; force_polling = true already")
+        return Finding(
+            "filesystem",
+            "warn",
+            f"{detail}: a network or FUSE filesystem, where file events are not (reliably) "
+            "reported, so new files wait for the rescan every "
+            f"{config.rescan_interval_seconds:g} s. Set force_polling = true, or keep the "
+            "bus on a local disk",
+        )
+    return Finding("filesystem", "ok", detail)
+
+
+CHECKS: tuple[tuple[str, Callable[[Config, bool], Finding]], ...] = (
+    ("layout", _layout),
+    ("root_permissions", _root_permissions),
+    ("directory_permissions", _directory_permissions),
+    ("socket", _socket),
+    ("lock", _lock),
+    ("expired_claims", _claims),
+    ("tmp_files", _tmp),
+    ("inotify", _inotify),
+    ("disk_space", _disk),
+    ("filesystem", _filesystem),
+)
+"""Every check, in the order :func:`diagnose` runs them."""
+
+
+def diagnose(config: Config, *, fix: bool = False) -> list[Finding]:
+    """Run every check (repairing what is safe when ``fix``); one Finding per check.
+
+    A check that fails unexpectedly (permission denied while looking, say)
+    becomes an ``error`` finding naming the failure; the others still run. The
+    checks after ``layout`` need the bus directories, so they are skipped
+    while the layout is broken and not fixed.
+    """
+    findings: list[Finding] = []
+    for name, check in CHECKS:
+        if findings and findings[0].status == "error" and not findings[0].fixed:
+            break  # no usable layout: the other checks would only report its absence
+        try:
+            findings.append(check(config, fix))
+        except OSError as exc:
+            findings.append(Finding(name, "error", f"could not check: {exc}"))
+    return findings

@@ -1,0 +1,355 @@
+"""The daemon-less consumer: claim, ack, release, extend, fail; the lease sweep.
+
+Synchronous (async callers use worker threads). Contracts:
+
+* Claiming is an atomic no-replace rename from ``inbox/<a>/`` into ``locks/<a>/``:
+  of racing consumers (threads or processes) exactly one wins; the others get
+  ``FileNotFoundError`` and move on.
+* The delivery count lives in the name: ``<arrival>-<n>-<id>.json`` is claimed as
+  ``<arrival>-<n+1>-<id>.json`` and returns under that name, so the count survives
+  and listing order stays arrival order. A file already delivered
+  ``max_deliveries`` times is dead-lettered (``delivery_limit``), not handed out.
+* A claimed file's mtime is its lease expiry, set on the inbox file just *before*
+  the claiming rename so a sweep never sees a fresh claim with a stale mtime.
+* Foreign names (dropped straight into the inbox) are claimed as the hidden
+  ``locks/<a>/.claim-<16 hex>-<foreign name>``, which nobody else touches, and
+  once decoded renamed (no-replace; on a clash a new arrival key) to
+  ``<new arrival>-001-<message_id>.json``. A hidden claim left by a crash goes
+  back to the inbox under its foreign name when its lease expires.
+* Ack is ledger first: records are appended to ``processed/<a>.jsonl`` (one write,
+  one fsync, exclusive lock), then the claims are removed. A message whose
+  ``dedupe_key`` or ``message_id`` is in the ledger is dropped when claimed, so a
+  redelivery never repeats an acknowledged side effect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from busd.config import Config
+from busd.core import codec
+from busd.core.model import Message, check_agent_name, dedupe_key
+from busd.errors import InvalidMessage, InvalidName, NotFound, Reason
+from busd.store import dlq
+from busd.store.fsio import read_limited, rename_noreplace
+from busd.store.layout import Layout, delivery_name, parse_delivery_name
+from busd.store.ledger import LedgerRecord, ProcessedLedger, rfc3339
+from busd.store.mailbox import arrival_clock, ensure_agent_dirs
+
+__all__ = ["Claim", "Consumer", "ExpiredReport", "return_expired"]
+
+_CLAIM_PREFIX = ".claim-"
+_HEX = 16
+_NAME_MAX = 255
+_UTIME_NOFOLLOW = os.utime in os.supports_follow_symlinks
+
+
+def _set_lease(path: Path, expiry: float) -> datetime:
+    # Never follow: a symlink in an inbox must not let us touch its target.
+    ns = int(expiry * 1e9)
+    os.utime(path, ns=(time.time_ns(), ns), follow_symlinks=not _UTIME_NOFOLLOW)
+    return datetime.fromtimestamp(expiry, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claimed message: ``path`` is in ``locks/``; ``delivery_count`` includes this one."""
+
+    message: Message
+    name: str
+    path: Path
+    delivery_count: int
+    lease_expires_at: datetime
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredReport:
+    """What :func:`return_expired` did: inbox names returned, DLQ entry names created."""
+
+    returned: list[str] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def _peek(path: Path, limit: int) -> Message | None:
+    """The message in a claimed file, or None if it is gone or invalid (for DLQ metadata)."""
+    try:
+        return codec.decode(read_limited(path, limit), max_bytes=limit)
+    except (InvalidMessage, FileNotFoundError):
+        return None
+
+
+def _foreign_name(hidden: str) -> str:
+    """The foreign name kept in a hidden claim name (made up if it was too long)."""
+    return hidden[len(_CLAIM_PREFIX) + _HEX + 1 :] or f"{hidden[-_HEX:]}.json"
+
+
+def _foreign_origin(agent: str, name: str) -> str | None:
+    return f"inbox/{agent}/{_foreign_name(name)}" if name.startswith(_CLAIM_PREFIX) else None
+
+
+def _count(path: Path) -> int:
+    parsed = parse_delivery_name(path.name)
+    return parsed.deliveries if parsed is not None else 0
+
+
+def _return_to_inbox(layout: Layout, agent: str, path: Path, name: str) -> str:
+    """Move a claim back to ``inbox/<agent>/name``; on a clash keep the count, new arrival."""
+    inbox = layout.inbox_dir(agent)
+    parsed = parse_delivery_name(name)
+    while True:
+        try:
+            rename_noreplace(path, inbox / name)
+            return name
+        except FileExistsError:
+            if parsed is None:
+                name = f"{arrival_clock.next()}-{name}"
+            else:
+                name = delivery_name(arrival_clock.next(), parsed.deliveries, parsed.message_id)
+
+
+class Consumer:
+    """Claims and settles the messages of one agent (name checked)."""
+
+    def __init__(self, config: Config, agent_id: str) -> None:
+        self.config = config
+        self.agent_id = check_agent_name(agent_id)
+        self.layout = config.layout
+        self.inbox = self.layout.inbox_dir(agent_id)
+        self.locks = self.layout.locks_dir(agent_id)
+        ensure_agent_dirs(self.layout, agent_id)
+        self._ledger = ProcessedLedger(self.layout.ledger(agent_id))
+
+    def processed(self) -> ProcessedLedger:
+        """The agent's processed ledger (shared by this consumer's calls)."""
+        return self._ledger
+
+    # -- claiming -------------------------------------------------------
+
+    def claim(self, max: int = 1) -> list[Claim]:
+        """Claim up to ``max`` messages in arrival order (see the module docstring).
+
+        Invalid files are dead-lettered, already-processed ones removed, and
+        neither counts towards ``max``.
+        """
+        claims: list[Claim] = []
+        for name in _names(self.inbox):
+            if len(claims) >= max:
+                break
+            if not name.startswith("."):
+                claim = self._claim_one(name)
+                if claim is not None:
+                    claims.append(claim)
+        return claims
+
+    def _claim_one(self, name: str) -> Claim | None:
+        src = self.inbox / name
+        parsed = parse_delivery_name(name)
+        if parsed is not None:
+            count = parsed.deliveries + 1
+            dst = self.locks / delivery_name(parsed.arrival, count, parsed.message_id)
+        else:
+            count = 1
+            hidden = f"{_CLAIM_PREFIX}{uuid.uuid4().hex[:_HEX]}-{name}"
+            if len(os.fsencode(hidden)) > _NAME_MAX:
+                hidden = hidden[: len(_CLAIM_PREFIX) + _HEX]
+            dst = self.locks / hidden
+        expiry = time.time() + self.config.lease_seconds
+        try:
+            lease = _set_lease(src, expiry)
+            rename_noreplace(src, dst)
+        except (FileNotFoundError, FileExistsError):
+            return None  # another consumer won the race (or the router renamed it)
+        limit = self.config.max_message_bytes
+        try:
+            raw = read_limited(dst, limit)
+            msg = codec.decode(raw, max_bytes=limit)
+        except InvalidMessage as exc:
+            self._dead_letter(dst, exc, count, None)
+            return None
+        except FileNotFoundError:
+            return None
+        if dedupe_key(msg) in self._ledger or msg.message_id in self._ledger:
+            # Acked before: dropping the copy is what keeps side effects single.
+            os.unlink(dst)
+            return None
+        if parsed is not None and parsed.deliveries >= self.config.max_deliveries:
+            n = parsed.deliveries
+            detail = f"already delivered {n} times (max_deliveries={self.config.max_deliveries})"
+            self._dead_letter(dst, InvalidMessage(Reason.DELIVERY_LIMIT, detail), n, msg)
+            return None
+        if parsed is None or parsed.message_id != msg.message_id:
+            arrival = parsed.arrival if parsed is not None else arrival_clock.next()
+            dst = self._rename_canonical(dst, arrival, count, msg.message_id)
+        return Claim(msg, dst.name, dst, count, lease, raw)
+
+    def _dead_letter(self, path: Path, why: InvalidMessage, count: int, msg: Message | None) -> str:
+        """Move a claimed file to the DLQ; ``why`` carries the reason and detail."""
+        return dlq.dead_letter(
+            self.layout,
+            reason=why.reason,
+            detail=why.detail,
+            source=path,
+            sender=msg.agent_id if msg else None,
+            recipient=self.agent_id,
+            message_id=msg.message_id if msg else None,
+            delivery_count=count,
+            original_path=_foreign_origin(self.agent_id, path.name),
+        )
+
+    def _rename_canonical(self, path: Path, arrival: str, count: int, message_id: str) -> Path:
+        while True:
+            target = self.locks / delivery_name(arrival, count, message_id)
+            try:
+                rename_noreplace(path, target)
+                return target
+            except FileExistsError:
+                arrival = arrival_clock.next()
+
+    # -- settling -------------------------------------------------------
+
+    def _index(self) -> dict[str, list[Path]]:
+        found: dict[str, list[Path]] = {}
+        for name in _names(self.locks):
+            parsed = parse_delivery_name(name)
+            if parsed is not None:
+                found.setdefault(parsed.message_id, []).append(self.locks / name)
+        return found
+
+    def _find(self, message_id: str) -> list[Path]:
+        paths = self._index().get(message_id)
+        if not paths:
+            raise NotFound(f"{self.agent_id} holds no claim on {message_id}", message_id=message_id)
+        return paths
+
+    def ack(self, message_ids: Iterable[str]) -> int:
+        """Record the claimed messages as processed, then remove their claims.
+
+        Every claimed copy of an id is removed. Ids without a claim are skipped
+        (also when already in the ledger). Returns how many ids were acked.
+        """
+        index = self._index()
+        now = rfc3339(time.time())
+        records: list[LedgerRecord] = []
+        paths: list[Path] = []
+        for mid in dict.fromkeys(message_ids):
+            found = index.get(mid)
+            if not found:
+                continue
+            msg = _peek(found[0], self.config.max_message_bytes)
+            key = msg.idempotency_key if msg is not None else None
+            records.append(LedgerRecord(message_id=mid, idempotency_key=key, acked_at=now))
+            paths.extend(found)
+        self._ledger.add_many(records)
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # the sweep returned it; the ledger makes the next claim drop it
+        return len(records)
+
+    def release(self, message_id: str, *, delay_s: float = 0) -> None:
+        """Give a claim back (nack); the delivery count is kept in the name.
+
+        ``delay_s`` <= 0: back to the inbox at once. ``delay_s`` > 0: it stays in
+        ``locks/`` with its lease expiry set to now + ``delay_s``, and the lease
+        sweep (:func:`return_expired`) returns it then. NotFound if not held.
+        """
+        for path in self._find(message_id):
+            if delay_s > 0:
+                self._lease(path, time.time() + delay_s)
+            else:
+                with self._held(message_id):
+                    _return_to_inbox(self.layout, self.agent_id, path, path.name)
+
+    def extend(self, message_id: str, lease_s: float) -> datetime:
+        """Set the claim's lease to expire ``lease_s`` from now; NotFound if not held."""
+        expiry = time.time() + lease_s
+        for path in self._find(message_id):
+            self._lease(path, expiry)
+        return datetime.fromtimestamp(expiry, UTC)
+
+    def _lease(self, path: Path, expiry: float) -> None:
+        with self._held(path.name):
+            _set_lease(path, expiry)
+
+    @contextmanager
+    def _held(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise NotFound(f"claim {what} was lost (lease expired?)", name=what) from None
+
+    def _sweep(self, now_ns: int, report: ExpiredReport) -> None:
+        """The body of :func:`return_expired` for this agent."""
+        for name in _names(self.locks):
+            path = self.locks / name
+            parsed = parse_delivery_name(name)
+            try:
+                if os.lstat(path).st_mtime_ns > now_ns:
+                    continue
+                if name.startswith(_CLAIM_PREFIX):
+                    name = _foreign_name(name)
+                elif name.startswith("."):
+                    continue
+                if parsed is None or parsed.deliveries < self.config.max_deliveries:
+                    report.returned.append(_return_to_inbox(self.layout, self.agent_id, path, name))
+                    continue
+                n = parsed.deliveries
+                why = f"lease expired on delivery {n} (max_deliveries={self.config.max_deliveries})"
+                msg = _peek(path, self.config.max_message_bytes)
+                entry = self._dead_letter(path, InvalidMessage(Reason.DELIVERY_LIMIT, why), n, msg)
+                report.dead_lettered.append(entry)
+            except (FileNotFoundError, NotFound):
+                continue  # acked, or moved by another sweep meanwhile
+
+    def fail(self, message_id: str, reason: str) -> str:
+        """Dead-letter a claim with reason ``rejected``, ``detail=reason``; return the entry.
+
+        Each claimed copy gets an entry; the first one's name is returned.
+        """
+        why = InvalidMessage(Reason.REJECTED, reason)
+        names = [
+            self._dead_letter(p, why, _count(p), _peek(p, self.config.max_message_bytes))
+            for p in self._find(message_id)
+        ]
+        return names[0]
+
+
+def return_expired(
+    config: Config, agent: str | None = None, *, now: float | None = None
+) -> ExpiredReport:
+    """Return every claim whose lease (mtime) has expired; dead-letter exhausted ones.
+
+    A claim delivered ``max_deliveries`` times or more goes to the DLQ with
+    reason ``delivery_limit``; any other goes back to ``inbox/<agent>/`` under
+    the same name. ``agent`` limits the sweep to one agent; ``now`` (epoch
+    seconds) is for tests. Safe to run concurrently with consumers and other
+    sweeps: a file someone else moved first is skipped.
+    """
+    agents = [agent] if agent is not None else _names(config.layout.locks)
+    now_ns = int((time.time() if now is None else now) * 1e9)
+    report = ExpiredReport()
+    for a in agents:
+        try:
+            consumer = Consumer(config, a)
+        except InvalidName:
+            if agent is not None:
+                raise
+            continue  # a stray directory in locks/, not an agent's
+        consumer._sweep(now_ns, report)
+    return report

@@ -1,0 +1,241 @@
+"""The socket protocol: JSON-RPC 2.0, one UTF-8 JSON object per ``\\n``-terminated line.
+
+Contracts:
+
+* :func:`parse_request` never raises: a line that is not valid JSON-RPC gives
+  an :class:`RpcError` with the standard code (-32700 parse error, -32600
+  invalid request) and ``data.reason``; the connection stays usable.
+* Params are validated into msgspec Structs per method; a wrong param gives
+  -32602 with ``data.reason = "invalid_params"`` and ``data.path``.
+* Server-side failures carry the ``rpc_code`` of the :class:`BusdError` and
+  ``data.reason`` = its stable ``code`` (for an invalid message, the DLQ
+  reason code, e.g. ``schema``).
+* Notifications pushed to subscribers are requests without an ``id``, method
+  ``message``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from busd.errors import BusdError, InvalidMessage
+
+__all__ = [
+    "INTERNAL_ERROR",
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "METHOD_NOT_FOUND",
+    "PARSE_ERROR",
+    "AckParams",
+    "AgentParams",
+    "DlqListParams",
+    "DlqShowParams",
+    "ExtendParams",
+    "FetchParams",
+    "NackParams",
+    "PublishBatchParams",
+    "PublishParams",
+    "ReplayParams",
+    "Request",
+    "RpcError",
+    "SubscribeParams",
+    "encode_error",
+    "encode_notification",
+    "encode_result",
+    "error_from_exception",
+    "parse_params",
+    "parse_request",
+]
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+RequestId = int | str | None
+_YEAR_S = 366 * 86400.0  # leases and delays beyond a year are mistakes, not plans
+_T = TypeVar("_T")
+_Agent = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Request(msgspec.Struct, frozen=True):
+    """A parsed request; ``id`` is ``msgspec.UNSET`` for a notification."""
+
+    jsonrpc: Literal["2.0"]
+    method: str
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+    id: int | str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class RpcError(Exception):
+    """An error answer: JSON-RPC ``code``, a message and ``data`` (with ``reason``)."""
+
+    def __init__(
+        self, code: int, message: str, reason: str, data: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data: dict[str, Any] = {"reason": reason, **(data or {})}
+        self.id: RequestId = None
+
+
+class _Params(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class PublishParams(_Params):
+    """``publish``: the message is kept raw so a refused one reaches the DLQ byte for byte."""
+
+    message: msgspec.Raw
+    sender: _Agent | None = None
+
+
+class PublishBatchParams(_Params):
+    """``publish_batch``: one result or error per message, one fsync for all."""
+
+    messages: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=10_000)]
+    sender: _Agent | None = None
+
+
+class FetchParams(_Params):
+    """``fetch``: claim up to ``max`` messages, waiting up to ``wait_s`` for the first."""
+
+    agent_id: _Agent
+    max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+    wait_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+
+
+class AckParams(_Params):
+    """``ack``: acknowledge claimed messages."""
+
+    agent_id: _Agent
+    message_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)]
+
+
+class NackParams(_Params):
+    """``nack``: put a claim back, now or after ``delay_s``."""
+
+    agent_id: _Agent
+    message_id: str
+    delay_s: Annotated[float, msgspec.Meta(ge=0, le=_YEAR_S)] = 0.0
+
+
+class ExtendParams(_Params):
+    """``extend``: push the lease of a claim to ``lease_s`` from now."""
+
+    agent_id: _Agent
+    message_id: str
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_S)]
+
+
+class SubscribeParams(_Params):
+    """``subscribe``: push messages of ``agent_id`` (and join ``topics``)."""
+
+    agent_id: _Agent
+    topics: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] | None = None
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+
+
+class AgentParams(_Params):
+    """Methods that take nothing (``ping``, ``status``)."""
+
+
+class DlqListParams(_Params):
+    """``dlq.list`` filters."""
+
+    reason: str | None = None
+    agent: str | None = None
+
+
+class DlqShowParams(_Params):
+    """``dlq.show``: one entry by name."""
+
+    name: str
+
+
+class ReplayParams(_Params):
+    """``replay``: entries by ``names`` or by ``reason`` (or ``all``), optionally ``to``."""
+
+    names: list[str] | None = None
+    reason: str | None = None
+    all: bool = False
+    to: _Agent | None = None
+    dry_run: bool = False
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_encoder = msgspec.json.Encoder()
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one line; raise :class:`RpcError` (-32700 / -32600) when it is not a request."""
+    try:
+        return _request_decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        # msgspec skips unknown keys without checking their UTF-8: a refused
+        # envelope that is not UTF-8 is a parse error. (Bad bytes inside a valid
+        # request's message are the codec's to judge, and reach the DLQ.)
+        if not line.isascii():
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RpcError(PARSE_ERROR, "request is not valid UTF-8", "invalid_utf8") from exc
+        err = RpcError(INVALID_REQUEST, f"invalid request: {exc}", "invalid_request")
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RpcError(PARSE_ERROR, "request is not valid UTF-8", "invalid_utf8") from exc
+        raise RpcError(PARSE_ERROR, f"parse error: {exc}", "parse_error") from exc
+    # A request whose id we can still read gets it back in the error answer.
+    try:
+        probe = msgspec.json.decode(line)
+        if isinstance(probe, dict) and isinstance(probe.get("id"), int | str):
+            err.id = probe["id"]
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass
+    raise err
+
+
+def parse_params(raw: msgspec.Raw, kind: type[_T]) -> _T:
+    """Decode ``raw`` params into ``kind``, raising -32602 with the JSON path."""
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        text = str(exc)
+        path = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else "$"
+        raise RpcError(
+            INVALID_PARAMS, f"invalid params: {text}", "invalid_params", {"path": path}
+        ) from exc
+
+
+def error_from_exception(exc: BusdError) -> RpcError:
+    """The answer for a :class:`BusdError`: its ``rpc_code``, ``data.reason`` = its code."""
+    data = {k: v for k, v in exc.context.items() if v is not None}
+    if isinstance(exc, InvalidMessage):
+        data["reason"] = exc.reason.value
+        data["detail"] = exc.detail
+    reason = data.pop("reason", exc.code)
+    data["error"] = exc.code
+    return RpcError(exc.rpc_code, exc.message, reason, data)
+
+
+def encode_result(request_id: RequestId, result: Any) -> bytes:
+    """A success answer line (with its newline)."""
+    return _encoder.encode({"jsonrpc": "2.0", "id": request_id, "result": result}) + b"\n"
+
+
+def encode_error(err: RpcError, request_id: RequestId = None) -> bytes:
+    """An error answer line (with its newline)."""
+    rid = request_id if request_id is not None else err.id
+    body = {"code": err.code, "message": err.message, "data": err.data}
+    return _encoder.encode({"jsonrpc": "2.0", "id": rid, "error": body}) + b"\n"
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    """A notification line (no id), as pushed to subscribers."""
+    return _encoder.encode({"jsonrpc": "2.0", "method": method, "params": params}) + b"\n"

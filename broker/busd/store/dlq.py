@@ -1,0 +1,491 @@
+"""Dead-letter entries: the original bytes plus a reason record, listing, replay, purge.
+
+An entry in ``<root>/dlq/`` is two names:
+
+* ``<arrival:20 digits>-<sanitised original name>`` holds the ORIGINAL BYTES,
+  untouched: when the failing file is at hand it is moved in with
+  :func:`~busd.fsio.rename_noreplace` (same filesystem), so not even a copy
+  happens. Symlinks, FIFOs and directories are moved as themselves, never
+  opened or followed.
+* ``<name>.reason.json`` is a :class:`ReasonRecord`.
+
+Write order is data, then record (both durable), so readers list entries by
+their records: data without a record is a write in progress (or a crash in
+one) and is skipped. Removal goes the other way (record first), so an entry
+vanishes atomically for readers.
+
+Replay (:func:`replay`) validates the bytes again and, when they pass, hands
+them back to the bus and moves the record to ``dlq/replayed/<sha256>.json``,
+keyed by the sha256 of the bytes it republished: if the same bytes fail again,
+:func:`dead_letter` carries over their replay count and history. Replay,
+in-place record updates and purge hold the exclusive lock ``dlq/.lock``, so two
+concurrent replays of one entry never both deliver it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import portalocker
+
+from busd.config import Config
+from busd.core import codec
+from busd.core.model import check_agent_name
+from busd.errors import InvalidMessage, LockTimeout, NotFound, Reason, StorageError
+from busd.store.fsio import fsync_dir, read_limited, rename_noreplace, tmp_name, write_durable
+from busd.store.layout import Layout, ensure_dir
+from busd.store.mailbox import arrival_clock, deliver, publish_bytes
+
+__all__ = [
+    "RECORD_SUFFIX",
+    "DlqEntry",
+    "HistoryEvent",
+    "ReasonRecord",
+    "ReplayResult",
+    "dead_letter",
+    "list_entries",
+    "load",
+    "purge",
+    "replay",
+]
+
+RECORD_SUFFIX = ".reason.json"
+_MAX_NAME = 150
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_LOCK_TIMEOUT_S = 10.0
+# Entries of these reasons were accepted (journaled and deduplicated) before they
+# failed: sending them through the outbox again would be dropped as duplicates.
+_ACCEPTED_REASONS = frozenset({Reason.DELIVERY_LIMIT.value, Reason.REJECTED.value})
+# An orphan data file (crash between data and record) is purged only when this old,
+# so an in-progress dead_letter is never raced.
+_ORPHAN_MIN_AGE_S = 3600.0
+
+
+class HistoryEvent(msgspec.Struct, frozen=True):
+    """One step in an entry's life: ``event`` is ``failed``, ``replay_failed`` or ``replayed``."""
+
+    at: str
+    event: str
+    detail: str = ""
+
+
+class ReasonRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Why and when an entry failed. Times are RFC 3339 UTC; ``schema`` is this format's version."""
+
+    reason: str
+    detail: str
+    original_path: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    message_id: str | None = None
+    size: int = 0
+    sha256: str | None = None
+    first_failure_at: str
+    last_failure_at: str
+    delivery_count: int = 0
+    replays: int = 0
+    history: list[HistoryEvent] = []
+    schema: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DlqEntry:
+    """A listed entry: its ``name``, its ``record`` and the ``path`` of its data."""
+
+    name: str
+    record: ReasonRecord
+    path: Path
+
+    def data(self) -> bytes:
+        """The original bytes (never follows a symlink; ``not_a_regular_file`` raises)."""
+        return read_limited(self.path, max(self.record.size, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What :func:`replay` did; ``target`` is the file written (or, dry run, its directory)."""
+
+    name: str
+    status: Literal["replayed", "still_invalid", "would_replay"]
+    target: Path | None = None
+    message_id: str | None = None
+    detail: str = ""
+
+
+_HASH_MAX_BYTES = 64 << 20  # above the largest message limit anyone sets; bigger is not read
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _sanitise(name: str) -> str:
+    safe = _UNSAFE.sub("_", name).lstrip(".")[: _MAX_NAME - 21] or "unnamed"
+    if safe.endswith(RECORD_SUFFIX):
+        # Would be mistaken for another entry's record when listing.
+        safe = safe[:-1] + "_"
+    return safe
+
+
+def _record_path(layout: Layout, name: str) -> Path:
+    return layout.dlq / (name + RECORD_SUFFIX)
+
+
+def _encode(record: ReasonRecord) -> bytes:
+    return msgspec.json.encode(record) + b"\n"
+
+
+def _hash_regular(path: Path, limit: int = _HASH_MAX_BYTES) -> tuple[int, str | None]:
+    """Size and sha256 of ``path`` if it is a regular file (fsynced), else ``(0, None)``.
+
+    The file is made 0600 (a producer's 0644 file must not stay readable in the
+    DLQ). A file larger than ``limit`` is neither read nor hashed: its size is
+    recorded with ``sha256`` null, so a planted huge file costs no I/O.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return 0, None  # a symlink (ELOOP), a directory, a socket: never read
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0, None
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        if st.st_size > limit:
+            return st.st_size, None
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        # The producer may not have fsynced: the DLQ copy must survive a crash.
+        os.fsync(fd)
+        return size, digest.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _place(layout: Layout, base: str, source: Path | None, data: bytes | None) -> str:
+    """Move ``source`` in (or write ``data``) under a fresh entry name; return the name."""
+    while True:
+        name = f"{arrival_clock.next()}-{base}"
+        try:
+            if source is not None:
+                rename_noreplace(source, layout.dlq / name)
+            else:
+                write_durable(layout.dlq, name, data or b"", tmp_dir=layout.tmp)
+            return name
+        except FileExistsError:
+            continue  # another process drew this arrival key; draw the next one
+        except OSError as exc:
+            if source is None or exc.errno != errno.EXDEV or data is None:
+                raise
+            # Source on another filesystem: write the bytes we have, then drop it.
+            name = _place(layout, base, None, data)
+            os.unlink(source)
+            return name
+
+
+def _write_replacing(directory: Path, name: str, data: bytes, tmp_dir: Path) -> None:
+    """Atomically and durably replace ``directory/name`` (records only, never data)."""
+    tmp = write_durable(tmp_dir, tmp_name(), data, tmp_dir=tmp_dir)
+    try:
+        os.replace(tmp, directory / name)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(directory)
+
+
+_ENTRY_NAME = re.compile(r"[0-9]{20}-[A-Za-z0-9._-]{1,200}")
+_RECORD_MAX_BYTES = 64 * 1024  # a reason record is small; never load a planted giant
+
+
+def _load_record(path: Path) -> ReasonRecord | None:
+    try:
+        raw = read_limited(path, _RECORD_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except InvalidMessage as exc:
+        raise StorageError(
+            f"unreadable DLQ record {path.name}: {exc.detail}", path=str(path)
+        ) from exc
+    try:
+        return msgspec.json.decode(raw, type=ReasonRecord)
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"unreadable DLQ record {path.name}: {exc}", path=str(path)) from exc
+
+
+def dead_letter(
+    layout: Layout,
+    *,
+    reason: Reason,
+    detail: str,
+    source: Path | None = None,
+    data: bytes | None = None,
+    sender: str | None = None,
+    recipient: str | None = None,
+    message_id: str | None = None,
+    delivery_count: int = 0,
+    history: Sequence[HistoryEvent] | None = None,
+    original_path: str | None = None,
+) -> str:
+    """Put a failed message in the DLQ and return the entry name.
+
+    With ``source`` the file (or link, FIFO, directory) is moved in as is and
+    its size and sha256 are taken from the moved regular file; ``data`` is
+    then only used when the source sits on another filesystem. Without
+    ``source``, ``data`` is written. ``original_path`` overrides the recorded
+    path (relative to the root) and the name the entry is derived from, for
+    callers that renamed the file before failing it. If the source vanished
+    and no ``data`` is given, :class:`NotFound` is raised.
+    """
+    if source is None and data is None:
+        raise ValueError("dead_letter needs a source or data")
+    if original_path is None and source is not None:
+        try:
+            original_path = source.absolute().relative_to(layout.root).as_posix()
+        except ValueError:
+            original_path = str(source)
+    base = _sanitise(Path(original_path).name if original_path else (message_id or "message"))
+    try:
+        name = _place(layout, base, source, data)
+    except FileNotFoundError:
+        if data is None:
+            raise NotFound(f"{source} vanished before it was dead-lettered") from None
+        source, name = None, _place(layout, base, None, data)
+    if source is not None:
+        size, sha = _hash_regular(layout.dlq / name)
+        with suppress(FileNotFoundError):
+            fsync_dir(source.parent)
+    else:
+        assert data is not None
+        size, sha = len(data), hashlib.sha256(data).hexdigest()
+    now = _now()
+    event = HistoryEvent(now, "failed", f"{reason.value}: {detail}")
+    previous = _load_record(layout.dlq / "replayed" / f"{sha}.json") if sha else None
+    record = ReasonRecord(
+        reason=reason.value,
+        detail=detail,
+        original_path=original_path,
+        sender=sender,
+        recipient=recipient,
+        message_id=message_id,
+        size=size,
+        sha256=sha,
+        first_failure_at=previous.first_failure_at if previous else now,
+        last_failure_at=now,
+        delivery_count=delivery_count,
+        replays=previous.replays if previous else 0,
+        history=[*(previous.history if previous else ()), *(history or ()), event],
+    )
+    # write_durable fsyncs the record and the dlq directory (covering the data's entry too).
+    write_durable(layout.dlq, name + RECORD_SUFFIX, _encode(record), tmp_dir=layout.tmp)
+    return name
+
+
+def list_entries(
+    layout: Layout, *, reason: Reason | str | None = None, agent: str | None = None
+) -> list[DlqEntry]:
+    """Entries with a record, by name (arrival order); filter by reason and sender/recipient."""
+    try:
+        names = sorted(n for n in os.listdir(layout.dlq) if n.endswith(RECORD_SUFFIX))
+    except FileNotFoundError:
+        return []
+    out: list[DlqEntry] = []
+    for record_name in names:
+        name = record_name[: -len(RECORD_SUFFIX)]
+        try:
+            record = _load_record(layout.dlq / record_name)
+        except StorageError:
+            record = None  # unreadable: load() reports it, a listing skips it
+        if record is None or (reason is not None and record.reason != str(reason)):
+            continue
+        if agent is None or agent in (record.sender, record.recipient):
+            out.append(DlqEntry(name, record, layout.dlq / name))
+    return out
+
+
+def load(layout: Layout, name: str) -> DlqEntry:
+    """The entry ``name``; :class:`NotFound` if it has no record (never was, or replayed)."""
+    if not _ENTRY_NAME.fullmatch(name):
+        raise NotFound(f"no DLQ entry {name!r}", name=name[:200])
+    record = _load_record(_record_path(layout, name))
+    if record is None:
+        raise NotFound(f"no DLQ entry {name!r}", name=name)
+    return DlqEntry(name, record, layout.dlq / name)
+
+
+@contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    lock = portalocker.Lock(
+        layout.dlq / ".lock", mode="a", timeout=_LOCK_TIMEOUT_S, check_interval=0.01
+    )
+    try:
+        lock.acquire()
+    except portalocker.exceptions.LockException as exc:
+        raise LockTimeout(f"DLQ lock busy for {_LOCK_TIMEOUT_S:g} s") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove(path: Path) -> None:
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)  # never follows links inside
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def replay(
+    config: Config,
+    name: str,
+    *,
+    to: str | None = None,
+    data: bytes | None = None,
+    dry_run: bool = False,
+) -> ReplayResult:
+    """Validate an entry again (or its corrected ``data``) and hand it back to the bus.
+
+    * Still invalid: the record is updated in place (``replays`` + 1, detail,
+      ``last_failure_at``, history) unless ``dry_run``; nothing moves.
+    * Valid, reason ``delivery_limit`` / ``rejected``: delivered straight into
+      ``inbox/<to or recipient>/`` with delivery count 0 and fsynced (it was
+      accepted before, so the outbox would drop it as a duplicate).
+    * Valid, any other reason: written to ``outbox/<sender or agent_id>/`` for
+      the router; with ``to`` it is re-encoded addressed to ``to`` only.
+
+    After a replay the record moves to ``dlq/replayed/`` and the data is
+    removed, so replaying the same name again raises :class:`NotFound`. A crash
+    after the hand-over but before the record moved can replay it twice
+    (at-least-once); consumers' idempotency keys absorb that.
+    """
+    layout = config.layout
+    limit = config.max_message_bytes
+    with _locked(layout):
+        entry = load(layout, name)
+        record = entry.record
+        try:
+            raw = data if data is not None else read_limited(entry.path, limit)
+            msg = codec.decode(raw, max_bytes=limit)
+        except InvalidMessage as exc:
+            why = f"{exc.reason.value}: {exc.detail}"
+            if not dry_run:
+                new = _bump(record, "replay_failed", why, detail=exc.detail, last_failure_at=_now())
+                _write_replacing(layout.dlq, name + RECORD_SUFFIX, _encode(new), layout.tmp)
+            return ReplayResult(name, "still_invalid", None, None, why)
+        inbox_agent = (to or record.recipient) if record.reason in _ACCEPTED_REASONS else None
+        # A file its producer dropped straight into an inbox goes back there, under a
+        # foreign name, so the router validates and journals it in place.
+        dropped = (
+            inbox_agent is None
+            and to is None
+            and record.recipient is not None
+            and (record.original_path or "").startswith("inbox/")
+        )
+        body = raw
+        if dropped:
+            where = layout.inbox_dir(check_agent_name(record.recipient or "", "recipient"))
+        elif inbox_agent is not None:
+            where = layout.inbox_dir(check_agent_name(inbox_agent, "recipient"))
+        else:
+            where = layout.outbox_dir(check_agent_name(record.sender or msg.agent_id, "sender"))
+            if to is not None:
+                check_agent_name(to.removeprefix("topic:"), "recipient")
+                msg = msgspec.structs.replace(msg, to=to)
+                body = codec.encode_json(msg)
+        if dry_run:
+            return ReplayResult(name, "would_replay", where, msg.message_id)
+        if dropped:
+            foreign = f"replay-{hashlib.sha256(body).hexdigest()[:16]}.json"
+            target = write_durable(where, foreign, body, tmp_dir=layout.tmp)
+        elif inbox_agent is not None:
+            target = deliver(layout, inbox_agent, body, msg.message_id, deliveries=0, fsync=True)
+        else:
+            target = publish_bytes(layout, where.name, body, msg.message_id, fsync=True)
+        sha = hashlib.sha256(body).hexdigest()
+        done = _bump(record, "replayed", target.relative_to(layout.root).as_posix())
+        replayed_dir = layout.dlq / "replayed"
+        ensure_dir(replayed_dir)
+        _write_replacing(replayed_dir, f"{sha}.json", _encode(done), layout.tmp)
+        # Record first: from here on the entry is gone for every reader.
+        os.unlink(_record_path(layout, name))
+        _remove(entry.path)
+        fsync_dir(layout.dlq)
+        return ReplayResult(name, "replayed", target, msg.message_id)
+
+
+def _bump(record: ReasonRecord, event: str, note: str, **changes: Any) -> ReasonRecord:
+    """``record`` with ``replays`` + 1, a history event and ``changes``."""
+    history = [*record.history, HistoryEvent(_now(), event, note)]
+    return msgspec.structs.replace(record, replays=record.replays + 1, history=history, **changes)
+
+
+def _age_s(record: ReasonRecord, fallback: float, now: float) -> float:
+    try:
+        at = datetime.fromisoformat(record.last_failure_at).timestamp()
+    except ValueError:
+        at = fallback
+    return now - at
+
+
+def purge(
+    layout: Layout,
+    *,
+    older_than_s: float,
+    now: float | None = None,
+    on_purged: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Remove entries whose last failure is older than ``older_than_s``; return their names.
+
+    Also prunes ``replayed/`` records and orphan data files (no record, older
+    than ``max(older_than_s, 1 h)`` by ctime, which a rename into the DLQ sets).
+    ``on_purged`` is called with each entry name once it is gone (progress display).
+    """
+    now = time.time() if now is None else now
+    purged: list[str] = []
+    with _locked(layout):
+        for entry in list_entries(layout):
+            rpath = _record_path(layout, entry.name)
+            with suppress(FileNotFoundError):
+                if _age_s(entry.record, os.stat(rpath).st_mtime, now) > older_than_s:
+                    os.unlink(rpath)
+                    _remove(entry.path)
+                    purged.append(entry.name)
+                    if on_purged is not None:
+                        on_purged(entry.name)
+        # Data without a record is a crash between the two writes; only old ones go, so
+        # an in-progress dead_letter is never raced. ctime: the rename into the DLQ sets it.
+        names = set(os.listdir(layout.dlq))
+        leftovers = [
+            (layout.dlq / n, max(older_than_s, _ORPHAN_MIN_AGE_S))
+            for n in names
+            if n[:1].isdigit() and not n.endswith(RECORD_SUFFIX) and n + RECORD_SUFFIX not in names
+        ]
+        if (layout.dlq / "replayed").is_dir():
+            leftovers += [(p, older_than_s) for p in (layout.dlq / "replayed").iterdir()]
+        for path, age in leftovers:
+            with suppress(FileNotFoundError):
+                if now - os.lstat(path).st_ctime > age:
+                    _remove(path)
+        fsync_dir(layout.dlq)
+    return purged
