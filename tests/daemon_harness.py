@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 BUSD = str(Path(sys.executable).with_name("busd"))
 
@@ -167,7 +167,7 @@ class Daemon:
             if event.get("event") == name:
                 return event
 
-    def ready(self, timeout: float = 15.0) -> Daemon:
+    def ready(self, timeout: float = 15.0) -> Self:
         """Wait for ``daemon_ready``."""
         self.wait_event("daemon_ready", timeout)
         return self

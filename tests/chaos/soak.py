@@ -27,8 +27,10 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -109,7 +111,7 @@ def _file_consumer(root: Path, stop: threading.Event, c: Counters) -> None:
             time.sleep(0.1)
 
 
-def _guard(target, *args) -> threading.Thread:
+def _guard(target: Callable[..., None], *args: Any) -> threading.Thread:
     c: Counters = args[-1]
 
     def run() -> None:

@@ -14,7 +14,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -616,8 +616,13 @@ RPC_CASES: dict[str, tuple[bytes, str]] = {
 }
 
 
+SharedConn = tuple[Rpc, ChaosDaemon, Path]
+
+
 @pytest.fixture(scope="module")
-def shared_conn(tmp_path_factory: pytest.TempPathFactory):
+def shared_conn(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SharedConn]:
     root = init_bus(tmp_path_factory.mktemp("rpc") / "bus").root
     d = ChaosDaemon(root).ready()
     try:
@@ -628,7 +633,7 @@ def shared_conn(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("case", list(RPC_CASES), ids=list(RPC_CASES))
-def test_malformed_request_gets_a_clear_error(shared_conn, case: str) -> None:
+def test_malformed_request_gets_a_clear_error(shared_conn: SharedConn, case: str) -> None:
     """Each line gets an error answer with a reason (never ``internal``); then a ping."""
     c, d, root = shared_conn
     line, reason = RPC_CASES[case]
@@ -645,7 +650,9 @@ def test_malformed_request_gets_a_clear_error(shared_conn, case: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "n" * 5000], ids=["NUL", "5000 chars"])
-def test_dlq_names_from_a_client_are_not_found_not_internal(shared_conn, name: str) -> None:
+def test_dlq_names_from_a_client_are_not_found_not_internal(
+    shared_conn: SharedConn, name: str
+) -> None:
     """``dlq.show`` and ``replay`` of an impossible entry name answer not_found."""
     c, _, _ = shared_conn
     for method, params in (("dlq.show", {"name": name}), ("replay", {"names": [name]})):
@@ -657,7 +664,7 @@ def test_dlq_names_from_a_client_are_not_found_not_internal(shared_conn, name: s
 
 
 @pytest.mark.parametrize("value", [1e18, 1e300], ids=["1e18", "1e300"])
-def test_absurd_lease_or_delay_is_invalid_params(shared_conn, value: float) -> None:
+def test_absurd_lease_or_delay_is_invalid_params(shared_conn: SharedConn, value: float) -> None:
     """``extend``/``nack`` with an absurd duration: -32602, and the claim is unchanged."""
     c, _, _ = shared_conn
     c("publish", {"message": message(0, message_id=f"lease-{len(repr(value))}")})

@@ -12,6 +12,7 @@ which is where parsers crash. Examples are few in CI (``max_examples``) and many
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -283,7 +284,7 @@ def test_fuzz_socket_line_reader(lines: list[bytes], limit: int, data: st.DataOb
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory):
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Rpc, ChaosDaemon]]:
     root = init_bus(tmp_path_factory.mktemp("fuzz") / "bus").root
     d = ChaosDaemon(root, env={"BUSD_MAX_MESSAGE_BYTES": "65536"}).ready()
     try:
@@ -303,7 +304,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
         )
     )
 )
-def test_fuzz_live_daemon_answers_every_line(live, line: bytes) -> None:
+def test_fuzz_live_daemon_answers_every_line(live: tuple[Rpc, ChaosDaemon], line: bytes) -> None:
     """Fuzzed lines sent to a real daemon: each gets at most one answer (none for a
     notification), an error is never ``internal``, and the daemon keeps serving."""
     c, d = live

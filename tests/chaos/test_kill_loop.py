@@ -118,7 +118,9 @@ def _connect(root: Path) -> Rpc | None:
         return None
 
 
-def _socket_publisher(root: Path, stop: threading.Event, obs: Observed, tag: str, batch: int):
+def _socket_publisher(
+    root: Path, stop: threading.Event, obs: Observed, tag: str, batch: int
+) -> None:
     conn, n = None, 0
     while not stop.is_set():
         conn = conn or _connect(root)
@@ -330,10 +332,10 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
 
     assert not crashes, f"the daemon died on its own: {crashes}"
     entries, skipped = journal_entries(root)
-    accepted = [e.message_id for e in entries if e.event == "accepted"]
+    accepted = [e.message_id or "" for e in entries if e.event == "accepted"]
     counts: dict[str, int] = defaultdict(int)
     for mid in accepted:
-        counts[mid or ""] += 1
+        counts[mid] += 1
     twice = sorted(m for m, c in counts.items() if c > 1)
     missing_journal = sorted(set(must) - set(accepted))
     seen = obs.seen()

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 import pytest
@@ -494,7 +494,7 @@ def test_clock_jumping_backwards_keeps_ids_unique_and_journal_in_append_order(
 
     class _Dt(datetime):
         @classmethod
-        def now(cls, tz=None):  # type: ignore[override]
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
             return datetime.fromtimestamp(clock() / 1e9, tz or UTC)
 
     monkeypatch.setattr(busd_router, "datetime", _Dt)

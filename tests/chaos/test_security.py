@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _chaos import ChaosDaemon, report, rss_kb
@@ -65,7 +67,7 @@ def test_other_uid_cannot_even_reach_the_socket(tmp_path: Path) -> None:
         d.kill()
 
 
-def _umask(mask: int):
+def _umask(mask: int) -> Callable[[], None]:
     def set_umask() -> None:
         os.umask(mask)
 
@@ -154,8 +156,8 @@ _HOSTILE = [
 _FIELDS = ("message_id", "agent_id", "to", "attachment_path", "idempotency_key", "workflow_id")
 
 
-def _hostile_messages() -> list[dict]:
-    out = []
+def _hostile_messages() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for field in _FIELDS:
         for value in _HOSTILE:
             out.append(message(len(out), **{field: value}))
@@ -243,12 +245,14 @@ def test_no_path_from_a_message_or_request_leaves_the_bus_root(tmp_path: Path) -
             os.kill(pid, signal.SIGKILL)
         d.kill()
     inside = os.path.realpath(root) + os.sep
-    escaped, touched_secret, checked = [], [], 0
+    escaped: list[str] = []
+    touched_secret: list[str] = []
+    checked = 0
     for raw in trace.read_text(errors="replace").splitlines():
-        m = re.match(r"^\d+\s+(\w+)\((.*)$", raw)
-        if m is None or m.group(1) not in _PATH_CALLS:
+        line = re.match(r"^\d+\s+(\w+)\((.*)$", raw)
+        if line is None or line.group(1) not in _PATH_CALLS:
             continue
-        call, args = m.group(1), m.group(2)
+        call, args = line.group(1), line.group(2)
         writes = call in _MUTATING or (
             call in ("openat", "open") and re.search(r"O_CREAT|O_WRONLY|O_RDWR|O_TRUNC", args)
         )

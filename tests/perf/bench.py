@@ -37,14 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # also runnable as `python tests/perf/bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# The test harness is imported as the tests import it: from tests/, by its own name.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from tests.daemon_harness import build_slow_fsync
-from tests.perf import common as C
-from tests.perf import peers as P
-from tests.perf import report as R
-from tests.perf import workers as W
+from daemon_harness import build_slow_fsync
+
+from . import common as C
+from . import peers as P
+from . import report as R
+from . import workers as W
 
 VENV_BIN = Path(sys.executable).parent
 PACKAGES = VENV_BIN.parent / "bench-packages"
@@ -1029,7 +1030,7 @@ class Bench:
         sock = str(bus.socket)
         if name == "publish8":
             args = [dict(socket=sock, prefix=f"prof-c{k}", count=count // 8) for k in range(8)]
-            return (lambda: None), (lambda: C.run_group(W.busd_publish, args) and None)
+            return (lambda: None), (lambda: _discard(C.run_group(W.busd_publish, args)))
         if name == "drop":
             agents = [f"p{k}" for k in range(4)]
 
@@ -1039,12 +1040,11 @@ class Bench:
                 settle()
 
             return prep_drop, (
-                lambda: (
+                lambda: _discard(
                     C.run_group(
                         W.drop_files,
                         [dict(root=str(bus.root), count=count, agents=agents, timeout=600)],
                     )
-                    and None
                 )
             )
 
@@ -1056,9 +1056,8 @@ class Bench:
             settle()
 
         return prep_fetch, (
-            lambda: (
+            lambda: _discard(
                 C.run_group(W.busd_consume, [dict(socket=sock, agent="prof", count=count, batch=1)])
-                and None
             )
         )
 
@@ -1075,6 +1074,15 @@ for _scen in ("pub1", "pub8", "batch", "cons1", "cons100"):
     _KEYS[_scen] = [f"{sys_}.{_scen}" for sys_ in ("busd", "redis", "nats", "pq")]
 _KEYS["pub8"].append("busd.pub8s")
 _KEYS["slowdisk"] = ["busd.slow1", "busd.slow8"]
+
+
+def _discard(_: object) -> None:
+    """Drop a result: the profiled loads are run for their load, not their figures."""
+
+
+def _stop_and_exit(bench: Bench) -> None:
+    bench.stop_all()
+    sys.exit(143)
 
 
 def _child_of(pid: int, timeout: float = 10.0) -> int | None:
@@ -1566,7 +1574,7 @@ def main() -> int:
                 for scen in ("pub1", "pub8", "batch", "cons1", "cons100"):
                     b.skipped[f"{peer}.{scen}"] = reasons[peer]
         stop = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda *_: (b.stop_all(), sys.exit(143)))
+        signal.signal(signal.SIGTERM, lambda *_: _stop_and_exit(b))
         try:
             b.guard("pub1", lambda: b.publish("pub1", 1, 1, SIZES.pub1))
             b.guard("pub8", lambda: b.publish("pub8", 8, 1, SIZES.pub8))

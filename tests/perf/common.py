@@ -384,7 +384,7 @@ class Inotify:
             self.dirs[wd] = d
 
     def fileno(self) -> int:
-        return self.fd
+        return int(self.fd)
 
     def read(self) -> list[tuple[Path, str]]:
         """Every pending event as (directory, name); [] when none is pending."""

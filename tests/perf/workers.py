@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.perf.common import (
+from .common import (
     Inotify,
     Rpc,
     count_files,
