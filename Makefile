@@ -26,6 +26,7 @@ test: lint typecheck unit
 lint: install
 	$(BIN)/ruff check broker tests clients
 	$(BIN)/ruff format --check broker tests clients
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

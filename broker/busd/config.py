@@ -29,9 +29,9 @@ from busd.store.layout import Layout
 
 __all__ = [
     "ENV_PREFIX",
-    "PATH_FILE",
     "Config",
     "ConfigLoader",
+    "endpoints",
     "find_root",
     "load_config",
     "parse_text_value",
@@ -191,8 +191,8 @@ class ConfigLoader:
         root_path = Path(root)
         if not root_path.is_absolute():
             root_path = (self.cwd or Path.cwd()) / root_path
-        if cfg_path is None and (root_path / "busd.toml").is_file():
-            cfg_path = str(root_path / "busd.toml")
+        if cfg_path is None and Layout(root_path).config_file.is_file():
+            cfg_path = str(Layout(root_path).config_file)
             file_values = _file_values(Path(cfg_path))
             file_values.pop("root", None)
         merged: dict[str, tuple[Any, str]] = {**file_values, **_env_values(env)}
@@ -258,8 +258,6 @@ def load_config(
     return ConfigLoader(root, config_file, flags, env, cwd).load()
 
 
-PATH_FILE = "busd.sock.path"
-"""File in the root recording the socket path when it is not ``<root>/busd.sock``."""
 _SUN_PATH_MAX = 107
 
 
@@ -267,9 +265,22 @@ def socket_path(config: Config) -> Path:
     """Where the daemon of ``config`` listens (``socket_path`` overrides)."""
     if config.socket_path:
         return Path(config.socket_path)
-    default = config.layout.root / "busd.sock"
+    default = config.layout.socket
     if len(os.fsencode(default)) <= _SUN_PATH_MAX:
         return default
     digest = hashlib.sha256(os.fsencode(config.layout.root)).hexdigest()[:16]
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return Path(base) / "busd" / f"{digest}.sock"
+
+
+def endpoints(config: Config) -> list[Path]:
+    """Where the daemon of ``config`` may listen, in the order clients try them:
+    :func:`socket_path`, then the path recorded in ``<root>/busd.sock.path``."""
+    found = [socket_path(config)]
+    try:
+        written = config.layout.socket_path_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        written = ""
+    if written and Path(written) not in found:
+        found.append(Path(written))
+    return found

@@ -15,6 +15,7 @@ __all__ = [
     "AlreadyRunning",
     "BusdError",
     "ConfigError",
+    "DaemonNotRunning",
     "Forbidden",
     "InvalidMessage",
     "InvalidName",
@@ -22,6 +23,8 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Reason",
+    "RemoteError",
+    "RpcTimeout",
     "ShuttingDown",
     "StorageError",
     "Unroutable",
@@ -153,3 +156,24 @@ class ShuttingDown(BusdError):
 
     code = "shutting_down"
     rpc_code = -32011
+
+
+class DaemonNotRunning(BusdError):
+    """Raised by the socket client: nothing listens on the bus's socket (no daemon runs,
+    or it is starting). Callers with a file fallback use it to fall back."""
+
+    code = "daemon_not_running"
+
+
+class RpcTimeout(BusdError):
+    """Raised by the socket client: the daemon accepted the connection but did not answer
+    in time."""
+
+    code = "timeout"
+
+
+class RemoteError(BusdError):
+    """Raised by the socket client for an error answer whose code it does not know;
+    ``context`` holds the answer's details."""
+
+    code = "remote_error"

@@ -19,7 +19,7 @@ from busd import __version__
 from busd.cli.main import app
 from busd.config import load_config
 from busd.core.codec import decode
-from busd.routing.recovery import route_pending
+from busd.routing.offline import route_pending
 from busd.store.journal import Journal
 from busd.store.layout import Layout
 from conftest import message_dict, run_python

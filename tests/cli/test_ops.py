@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ import pytest
 from busd.config import Config, load_config
 from busd.core.codec import decode
 from busd.routing.consumer import Consumer
-from busd.routing.recovery import route_pending
+from busd.routing.offline import route_pending
 from busd.rpc.client import daemon_running
-from busd.runtime.daemon import RateTracker
+from busd.runtime.metrics import RateTracker
 from busd.store.layout import init_bus
 from conftest import message_dict
 from daemon_harness import BUSD, Daemon, wait_for
@@ -31,6 +31,11 @@ MODES = ["stopped", "running"]
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _holds(root: Path, agent: str, n: int) -> Callable[[], bool]:
+    """A ``wait_for`` predicate: ``agent``'s inbox holds ``n`` messages."""
+    return lambda: len(inbox(root, agent)) == n
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -346,7 +351,7 @@ def test_replay_twice_delivers_once(tmp_path: Path) -> None:
             targets = {r["name"]: r["target"] for r in first["results"]}
             assert targets[rejected].startswith("inbox/carol/")  # accepted before: straight in
             assert targets[unroutable].startswith("outbox/alice/")  # never accepted: routed
-            wait_for(lambda r=root: len(inbox(r, "carol")) == 2, what="both delivered to carol")
+            wait_for(_holds(root, "carol", 2), what="both delivered to carol")
             again = js(busd(root, "replay", "--all", "--json"))
             assert again == {"results": [], "counts": again["counts"]} and entries(root) == []
             named = busd(root, "replay", rejected, "--json")
@@ -476,7 +481,7 @@ def test_tail_follow_across_segment_rotation(tmp_path: Path, with_daemon: bool) 
             if daemon is None:
                 route_pending(cfg)
             else:
-                wait_for(lambda i=i: len(inbox(root, "bob")) == 4 * (i + 1), what=f"pass {i}")
+                wait_for(_holds(root, "bob", 4 * (i + 1)), what=f"pass {i}")
         seen: list[str] = []
         deadline = time.monotonic() + 20
         while len(seen) < 32 and time.monotonic() < deadline:

@@ -33,7 +33,7 @@ from busd.core import ids as busd_ids
 from busd.core.codec import decode
 from busd.errors import InvalidMessage as BusdInvalid
 from busd.routing.consumer import Consumer, return_expired
-from busd.routing.recovery import route_pending
+from busd.routing.offline import route_pending
 from busd.store.dlq import list_entries
 from busd.store.layout import init_bus, parse_delivery_name
 from busd.store.ledger import ProcessedLedger
@@ -216,7 +216,12 @@ def test_ledger_lock_interoperates_with_busd(root: Path) -> None:
         ledger = ProcessedLedger(root / "processed" / "bob.jsonl")
         done = threading.Event()
         with ledger._locked():
-            t = threading.Thread(target=lambda: (d.ack(), done.set()))
+
+            def ack() -> None:
+                d.ack()
+                done.set()
+
+            t = threading.Thread(target=ack)
             t.start()
             time.sleep(0.3)
             assert not done.is_set()
@@ -248,9 +253,12 @@ def test_reconnects_after_daemon_restart(root: Path) -> None:
         with running(root):
             assert bus.send(message(3)).via == "socket"
             ids: list[str] = []
-            wait_for(
-                lambda: ids.extend(d.message_id for d in bus.fetch("bob", 10)) or len(ids) == 3
-            )
+
+            def three() -> bool:
+                ids.extend(d.message_id for d in bus.fetch("bob", 10))
+                return len(ids) == 3
+
+            wait_for(three)
             assert sorted(ids) == ["m-000001", "m-000002", "m-000003"]
             assert bus.ack("bob", ids) == 3
 

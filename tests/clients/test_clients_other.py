@@ -367,7 +367,7 @@ def test_socat_ping(root: Path) -> None:
         if not sock.exists():
             sock = Path((root / "busd.sock.path").read_text().strip())
         proc = subprocess.run(
-            [SOCAT, "-t", "5", "-", f"UNIX-CONNECT:{sock}"],
+            [str(SOCAT), "-t", "5", "-", f"UNIX-CONNECT:{sock}"],
             input=b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n',
             capture_output=True,
             timeout=15,

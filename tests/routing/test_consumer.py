@@ -44,7 +44,7 @@ print(json.dumps(got))
 
 
 def _put(bus: Bus, mid: str, agent: str = "bob", **kwargs: object) -> Path:
-    return deliver(bus.layout, agent, message_bytes(mid, **kwargs), mid)  # type: ignore[arg-type]
+    return deliver(bus.layout, agent, message_bytes(mid, **kwargs), mid)
 
 
 def _names(d: Path) -> list[str]:

@@ -9,16 +9,19 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from busd.config import Config
 from busd.core.codec import decode, encode_json, encode_markdown
-from busd.routing.recovery import route_pending
-from busd.routing.router import Router
+from busd.routing.offline import route_pending
+from busd.routing.router import Batch, Router
 from busd.store import dlq
 from busd.store.journal import Journal, JournalEntry, Position
 from busd.store.layout import parse_delivery_name
@@ -42,7 +45,7 @@ import sys
 from busd import logs
 from busd.routing import router
 from busd.config import load_config
-from busd.routing.recovery import route_pending
+from busd.routing.offline import route_pending
 logs.configure("error", "json")
 router._BATCH = int(sys.argv[2])
 cfg = load_config(root=sys.argv[1], env={})
@@ -612,3 +615,64 @@ def test_vanished_file_is_skipped(bus: Bus) -> None:
         report = router.route([src])
     assert (report.accepted, report.dead_lettered) == (0, 0)
     assert entries(bus.config) == []
+
+
+def test_reconfigure_during_a_commit_never_mixes_two_configs(bus: Bus) -> None:
+    """A commit in its thread keeps the rules it started with; the next one gets the new ones.
+
+    The commit is held mid-batch (inside the dead-letter log call of its second file)
+    while another thread reconfigures: topics, default recipient and size limit all
+    change. Every message of the held batch must be routed by the old config, and
+    every one of the next batch by the new. A router whose commit reads fields that
+    reconfigure assigns one by one routes the held batch's tail by the new config.
+    """
+    old = bus.with_config(
+        subscriptions={"news": ["bob"]}, default_recipient="boss", dedupe_window_seconds=60
+    )
+    new = bus.with_config(
+        subscriptions={"news": ["carol"]},
+        default_recipient="chief",
+        max_message_bytes=1200,
+        dedupe_window_seconds=30,
+    )
+    paused, resume = threading.Event(), threading.Event()
+    held: list[str] = []
+
+    def hold(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event["event"] == "message_dead_lettered" and not held:
+            held.append(threading.current_thread().name)
+            paused.set()
+            assert resume.wait(10), "never resumed"
+        return event
+
+    def wave(n: int) -> list[Path]:
+        return [
+            drop(bus, f"{n}-1.json", message_bytes(f"t{n}", to="topic:news")),
+            drop(bus, f"{n}-2.json", b"{not json"),
+            drop(bus, f"{n}-3.json", message_bytes(f"u{n}", to="topic:news")),
+            drop(bus, f"{n}-4.json", message_bytes(f"d{n}", to=None)),
+            drop(bus, f"{n}-5.json", message_bytes(f"big{n}", to="bob", body="x" * 1500)),
+        ]
+
+    first = wave(1)
+    with Router(old) as router, structlog.testing.capture_logs(processors=[hold]):
+        result: list[Batch] = []
+        commit = threading.Thread(target=lambda: result.append(router.commit(first)))
+        commit.start()
+        assert paused.wait(10), "the commit never reached its second file"
+        router.reconfigure(new, {"news": ["carol"]})
+        resume.set()
+        commit.join(10)
+        (held_batch,) = result
+        assert held == [commit.name]
+        router.finish(held_batch)
+        next_batch = router.commit(wave(2))
+        router.finish(next_batch)
+        assert router.config is new
+        assert router.subscriptions == {"news": ["carol"]}
+        assert router.dedupe.window_s == 30
+    routed = {i.msg.message_id: i.recipients for i in held_batch.accepted}
+    assert routed == {"t1": ["bob"], "u1": ["bob"], "d1": ["boss"], "big1": ["bob"]}
+    routed = {i.msg.message_id: i.recipients for i in next_batch.accepted}
+    assert routed == {"t2": ["carol"], "u2": ["carol"], "d2": ["chief"]}
+    assert next_batch.report.dead_lettered == 2  # 2-2.json and the now too large big2

@@ -38,7 +38,7 @@ def test_listener_refuses_to_run_off_windows(tmp_path: Path) -> None:
 
     async def main() -> None:
         async def handler(_: object) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
         await PipeListener(tmp_path).serve(handler)
 

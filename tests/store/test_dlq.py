@@ -1,4 +1,7 @@
-"""Tests for busd.dlq: entries keep original bytes, records, listing, replay and purge."""
+"""Tests for busd.store.dlq: entries keep original bytes, records, listing and purge.
+
+Replay (busd.routing.replay) is tested in tests/routing/test_replay.py.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,16 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from busd.core.codec import decode
 from busd.errors import NotFound, Reason
-from busd.routing.consumer import Consumer, return_expired
+from busd.routing.consumer import Consumer
+from busd.routing.replay import replay
 from busd.store import dlq
-from busd.store.layout import delivery_name, parse_delivery_name
+from busd.store.layout import delivery_name
 from busd.store.mailbox import deliver
 from conftest import Bus, message_bytes, message_dict
 
@@ -38,14 +40,6 @@ def _outbox_entry(bus: Bus, data: bytes, name: str = "x.json") -> str:
     return dlq.dead_letter(
         bus.layout, reason=Reason.INVALID_JSON, detail="bad", source=src / name, sender="alice"
     )
-
-
-def _limit_entry(bus: Bus) -> str:
-    cfg = bus.with_config(max_deliveries=1)
-    deliver(bus.layout, "bob", message_bytes("m-1"), "m-1")
-    Consumer(cfg, "bob").claim()
-    [name] = return_expired(cfg, now=time.time() + 100).dead_lettered
-    return name
 
 
 @pytest.mark.parametrize("reason", sorted(_INVALID))
@@ -110,117 +104,11 @@ def test_vanished_source_without_data_is_not_found(bus: Bus) -> None:
     assert dlq.load(bus.layout, name).record.original_path == "outbox/gone.json"
 
 
-def test_replay_of_a_fixed_message_goes_to_the_outbox_once(bus: Bus) -> None:
-    """replay(data=fixed) publishes to outbox/<sender>; a second replay raises NotFound."""
-    name = _outbox_entry(bus, b"{broken")
-    result = dlq.replay(bus.config, name, data=message_bytes("m-1"))
-    assert result.status == "replayed" and result.message_id == "m-1"
-    assert result.target is not None and result.target.parent == bus.layout.outbox_dir("alice")
-    assert result.target.read_bytes() == message_bytes("m-1")
-    with pytest.raises(NotFound):
-        dlq.replay(bus.config, name, data=message_bytes("m-1"))
-    assert len(os.listdir(bus.layout.outbox_dir("alice"))) == 1
-    assert dlq.list_entries(bus.layout) == []
-    assert not (bus.layout.dlq / name).exists()
-    sha = hashlib.sha256(message_bytes("m-1")).hexdigest()
-    moved = json.loads((bus.layout.dlq / "replayed" / f"{sha}.json").read_bytes())
-    assert moved["replays"] == 1 and moved["history"][-1]["event"] == "replayed"
-
-
-def test_replay_with_to_readdresses_the_message(bus: Bus) -> None:
-    """replay(to=...) of a routable failure re-encodes the message addressed to that agent."""
-    name = _outbox_entry(bus, message_bytes("m-2", to="nobody"))
-    result = dlq.replay(bus.config, name, to="carol")
-    assert result.target is not None
-    assert decode(result.target.read_bytes()).to == "carol"
-
-
-def test_replay_of_delivery_limit_goes_straight_to_the_inbox(bus: Bus) -> None:
-    """An accepted message that hit the limit is redelivered to the inbox with count 0."""
-    name = _limit_entry(bus)
-    result = dlq.replay(bus.config, name)
-    assert result.status == "replayed" and result.target is not None
-    assert result.target.parent == bus.layout.inbox_dir("bob")
-    parsed = parse_delivery_name(result.target.name)
-    assert parsed is not None and parsed.deliveries == 0 and parsed.message_id == "m-1"
-    with pytest.raises(NotFound):
-        dlq.replay(bus.config, name)
-    assert len(os.listdir(bus.layout.inbox_dir("bob"))) == 1
-    [claim] = Consumer(bus.config, "bob").claim()
-    assert claim.raw == message_bytes("m-1")
-
-
-def test_replay_direct_to_another_agent(bus: Bus) -> None:
-    """replay(to=...) of a delivery_limit entry delivers into that agent's inbox."""
-    name = _limit_entry(bus)
-    result = dlq.replay(bus.config, name, to="carol")
-    assert result.target is not None and result.target.parent == bus.layout.inbox_dir("carol")
-
-
-def test_replay_of_still_invalid_updates_the_record_in_place(bus: Bus) -> None:
-    """A replay that fails again bumps replays and history; nothing moves."""
-    name = _outbox_entry(bus, b"{still broken")
-    before = dlq.load(bus.layout, name).record
-    result = dlq.replay(bus.config, name)
-    assert result.status == "still_invalid" and result.target is None
-    after = dlq.load(bus.layout, name).record
-    assert after.replays == 1 and after.first_failure_at == before.first_failure_at
-    assert after.last_failure_at >= before.last_failure_at
-    assert [h.event for h in after.history] == ["failed", "replay_failed"]
-    assert dlq.load(bus.layout, name).data() == b"{still broken"
-    assert os.listdir(bus.layout.outbox_dir("alice")) == []
-    bad = dlq.replay(bus.config, name, data=b'{"message_type": "nope"}')
-    assert bad.status == "still_invalid" and dlq.load(bus.layout, name).record.replays == 2
-
-
-def test_dry_run_moves_nothing(bus: Bus) -> None:
-    """dry_run reports the target directory and leaves the entry and record alone."""
-    name = _outbox_entry(bus, message_bytes("m-3"))
-    result = dlq.replay(bus.config, name, dry_run=True)
-    assert result.status == "would_replay"
-    assert result.target == bus.layout.outbox_dir("alice")
-    assert os.listdir(bus.layout.outbox_dir("alice")) == []
-    assert dlq.load(bus.layout, name).record.replays == 0
-
-
-def test_concurrent_replays_deliver_once(bus: Bus) -> None:
-    """Four threads replaying one entry: exactly one replays, the others get NotFound."""
-    name = _limit_entry(bus)
-    outcomes: list[str] = []
-
-    def run() -> None:
-        try:
-            outcomes.append(dlq.replay(bus.config, name).status)
-        except NotFound:
-            outcomes.append("not_found")
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcomes) == ["not_found"] * 3 + ["replayed"]
-    assert len(os.listdir(bus.layout.inbox_dir("bob"))) == 1
-
-
-def test_failing_again_after_replay_carries_history(bus: Bus) -> None:
-    """The same bytes failing after a replay keep replays, first failure time and history."""
-    name = _outbox_entry(bus, b"{broken")
-    first = dlq.load(bus.layout, name).record
-    dlq.replay(bus.config, name, data=message_bytes("m-5"))
-    again = dlq.dead_letter(
-        bus.layout, reason=Reason.UNROUTABLE, detail="no route", data=message_bytes("m-5")
-    )
-    rec = dlq.load(bus.layout, again).record
-    assert rec.replays == 1 and rec.first_failure_at == first.first_failure_at
-    assert [h.event for h in rec.history] == ["failed", "replayed", "failed"]
-
-
 def test_purge_removes_old_entries_only(bus: Bus) -> None:
     """purge() drops entries, orphans and replayed records older than the threshold."""
     old = _outbox_entry(bus, b"{1", "a.json")
     _outbox_entry(bus, message_bytes("m-6"), "b.json")
-    dlq.replay(bus.config, dlq.list_entries(bus.layout)[1].name)
+    replay(bus.config, dlq.list_entries(bus.layout)[1].name)
     orphan = bus.layout.dlq / f"{2:020d}-orphan"
     orphan.write_bytes(b"o")
     assert dlq.purge(bus.layout, older_than_s=100) == []
@@ -244,5 +132,24 @@ def test_symlink_source_is_moved_not_followed(bus: Bus, tmp_path: Path) -> None:
     assert entry.path.is_symlink() and os.readlink(entry.path) == str(target)
     assert entry.record.sha256 is None and entry.record.size == 0
     assert target.read_bytes() == b"top secret"
-    result = dlq.replay(bus.config, name)
-    assert result.status == "still_invalid" and "symbolic link" in result.detail
+
+
+def test_hidden_names_are_never_entries(bus: Bus) -> None:
+    """A name starting with '.' is an in-progress write (protocol.md 3), even when it ends
+    like a record: a tool staging ``.x.reason.json`` must not show up as an entry."""
+    name = _outbox_entry(bus, b"{x")
+    record = (bus.layout.dlq / (name + dlq.RECORD_SUFFIX)).read_bytes()
+    (bus.layout.dlq / f".{name}.reason.json").write_bytes(record)
+    (bus.layout.dlq / f".{name}").write_bytes(b"{x")
+    assert [e.name for e in dlq.list_entries(bus.layout)] == [name]
+
+
+def test_replace_writers_leave_no_staging_files(bus: Bus) -> None:
+    """Record updates and replayed records are durable replaces staged in tmp/: after a
+    failed and a successful replay nothing is left in tmp/, dlq/ or dlq/replayed/."""
+    name = _outbox_entry(bus, b"{broken")
+    assert replay(bus.config, name).status == "still_invalid"
+    assert replay(bus.config, name, data=message_bytes("m-9")).status == "replayed"
+    assert os.listdir(bus.layout.tmp) == []
+    assert sorted(os.listdir(bus.layout.dlq)) == [".lock", "replayed"]
+    assert len(os.listdir(bus.layout.dlq_replayed)) == 1

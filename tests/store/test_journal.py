@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import portalocker
 import pytest
+from _store_faults import immutable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -473,3 +474,18 @@ def test_disk_full_rolls_back_and_raises_storage_error(
     assert j.segments()[0].read_bytes() == before
     j.append([ent(4)])
     assert [e.message_id for e in j.read()] == ["m1", "m4"]
+
+
+def test_refused_write_eperm_is_storage_error_like_every_store_write(tmp_path: Path) -> None:
+    """EPERM (an immutable journal directory) is a StorageError here as in fsio (one errno
+    set for the whole store), naming the path and errno; the journal works once allowed."""
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    j = Journal(directory, fsync=False)
+    with immutable(directory), pytest.raises(StorageError) as info:
+        j.append([ent(1)])
+    assert info.value.code == "storage_error"
+    assert info.value.context["errno"] == errno.EPERM
+    assert info.value.context["path"].startswith(str(directory))
+    j.append([ent(1)])
+    assert [e.message_id for e in j.read()] == ["m1"]

@@ -153,6 +153,23 @@ def test_layout_paths() -> None:
     assert not r.exists()
 
 
+def test_layout_names_every_file_of_the_protocol() -> None:
+    """Every file name of protocol.md section 2 (and the socket files) comes from Layout."""
+    r = Path("/nonexistent/bus")
+    layout = Layout(r)
+    assert layout.config_file == r / "busd.toml"
+    assert layout.bus_lock == layout.lock_file == r / "busd.lock"
+    assert layout.socket == r / "busd.sock"
+    assert layout.socket_path_file == r / "busd.sock.path"
+    assert layout.subscriptions_file == r / "subscriptions.json"
+    assert layout.checkpoint_file == r / "journal" / "checkpoint"
+    assert layout.journal_lock == r / "journal" / ".lock"
+    assert layout.dlq_lock == r / "dlq" / ".lock"
+    assert layout.dlq_replayed == r / "dlq" / "replayed"
+    assert layout.ledger_lock("bob") == r / "processed" / ".bob.lock"
+    assert not r.exists()
+
+
 @given(arrivals, st.integers(min_value=0, max_value=999), message_ids)
 def test_delivery_name_round_trip(arrival: str, deliveries: int, message_id: str) -> None:
     """Every valid (arrival, count, id) formats to a name that parses back to the same parts."""

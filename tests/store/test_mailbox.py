@@ -1,4 +1,4 @@
-"""Tests for busd.delivery: publishing into outboxes and delivering into inboxes."""
+"""Tests for busd.store.mailbox: publishing into outboxes and delivering into inboxes."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from busd.store.mailbox import publish
 from conftest import message_bytes
 cfg = load_config(root=sys.argv[1], env={})
 for i in range(int(sys.argv[3])):
-    publish(cfg, decode(message_bytes(f"p{sys.argv[2]}-{i:03d}")))
+    publish(cfg.layout, decode(message_bytes(f"p{sys.argv[2]}-{i:03d}")), fsync=cfg.fsync)
 """
 
 
 def test_publish_writes_a_valid_file_in_the_senders_outbox(bus: Bus) -> None:
     """publish() leaves one decodable file named <arrival>-<message_id>.json, no temp files."""
     msg = decode(message_bytes("m-7"))
-    path = delivery.publish(bus.config, msg)
+    path = delivery.publish(bus.layout, msg)
     assert path.parent == bus.layout.outbox_dir("alice")
     m = _OUTBOX_RE.match(path.name)
     assert m is not None and m.group(1) == "m-7"
@@ -44,7 +44,7 @@ def test_publish_writes_a_valid_file_in_the_senders_outbox(bus: Bus) -> None:
 def test_publish_sender_override_and_no_fsync(bus: Bus) -> None:
     """An explicit sender picks the outbox; fsync=False still publishes a complete file."""
     msg = decode(message_bytes("m-8"))
-    path = delivery.publish(bus.config, msg, sender="carol", fsync=False)
+    path = delivery.publish(bus.layout, msg, sender="carol", fsync=False)
     assert path.parent == bus.layout.outbox_dir("carol")
     assert decode(path.read_bytes()) == msg
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from busd.config import PATH_FILE, Config
+from busd.config import Config, endpoints
+from busd.ops.host import inotify_budget
 from busd.routing.consumer import return_expired
 from busd.routing.retention import TMP_MAX_AGE_S
-from busd.rpc.client import endpoints
 from busd.store.buslock import BusLock
 from busd.store.layout import init_bus
 
@@ -256,7 +256,7 @@ def _probe(path: Path) -> int:
 def _socket(config: Config, fix: bool) -> Finding:
     root = config.layout.root
     owner = os.stat(root).st_uid
-    path_file = root / PATH_FILE
+    path_file = config.layout.socket_path_file
     lines: list[str] = []
     stale: list[Path] = []
     worst: Status = "ok"
@@ -291,7 +291,7 @@ def _socket(config: Config, fix: bool) -> Finding:
             note("warn", f"cannot connect to {path}: {os.strerror(err)}")
     written = _read_path_file(path_file)
     if written is not None and not os.path.lexists(written):
-        note("warn", f"{PATH_FILE} names {written}, which does not exist")
+        note("warn", f"{path_file.name} names {written}, which does not exist")
         stale.append(path_file)
     if not lines:
         return Finding("socket", "ok", "no socket file (no daemon running)")
@@ -439,27 +439,28 @@ def _tmp(config: Config, fix: bool) -> Finding:
 def _inotify(config: Config, fix: bool) -> Finding:
     if config.force_polling:
         return Finding("inotify", "ok", "force_polling = true: the daemon polls, no watches used")
-    try:
-        limit = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text().strip())
-    except (OSError, ValueError):
-        return Finding("inotify", "ok", "no inotify limit to check on this system")
-    layout = config.layout
-    needed = 2  # outbox/ and inbox/ themselves
-    for parent in (layout.outbox, layout.inbox):
-        try:
-            with os.scandir(parent) as it:
-                needed += sum(1 for e in it if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            continue
-    detail = f"the daemon needs about {needed} watches; max_user_watches is {limit}"
-    if needed > limit:
+    budget = inotify_budget(config.layout)
+    limits = budget.limits
+    if limits.max_instances is not None and limits.max_instances < 1:
         return Finding(
             "inotify",
             "error",
-            f"{detail}: events will be lost (only the periodic rescan sees new files). "
+            "no inotify instance may be created (max_user_instances is 0): the daemon polls. "
+            "Raise it: sysctl fs.inotify.max_user_instances=128",
+        )
+    if limits.max_watches is None:
+        return Finding("inotify", "ok", "no inotify limit to check on this system")
+    # The smaller of max_user_watches and the user namespace's max_inotify_watches.
+    needed, limit = budget.needed_watches, limits.max_watches
+    detail = f"the daemon needs about {needed} watches; the limit in force is {limit}"
+    if not budget.native:
+        return Finding(
+            "inotify",
+            "error",
+            f"{detail}: the daemon falls back to polling (slower, and more CPU). "
             "Raise it: sysctl fs.inotify.max_user_watches=524288",
         )
-    if needed > limit // 2:
+    if budget.tight:
         return Finding(
             "inotify",
             "warn",

@@ -1,9 +1,14 @@
-"""The state of a bus at a glance, from directory listings alone.
+"""The state of a bus at a glance: :class:`StatusReport`, the one shape of ``busd status``.
 
-:func:`collect` never reads the journal's contents or any message: it lists
-directories and stats a few files, so it stays fast on a bus with a large
-journal and many waiting files. The daemon adds what only it knows (pid,
-uptime, rates, dedupe index) through ``daemon``.
+:func:`report` builds it from directory listings alone: it never reads the
+journal's contents or any message, only lists directories and stats a few
+files, so it stays fast on a bus with a large journal and many waiting files.
+What only a running daemon knows (pid, uptime, rates, totals, dedupe index) comes
+in as a :class:`DaemonInfo`; without one those fields are null, and the keys stay
+the same. ``busd status --json``, the ``status`` RPC and the daemon-less path all
+return this one Struct, so they cannot drift apart.
+
+This module is on the ``busd status`` start-up path: keep its imports light.
 """
 
 from __future__ import annotations
@@ -11,13 +16,285 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from busd import __version__
-from busd.config import Config
+from busd.config import Config, socket_path
 
-__all__ = ["collect"]
+__all__ = [
+    "OUTBOX_STALE_S",
+    "AgentStatus",
+    "DaemonInfo",
+    "DaemonState",
+    "DedupeStatus",
+    "DlqStatus",
+    "JournalStatus",
+    "OutboxStatus",
+    "Rate",
+    "Rates",
+    "StatusReport",
+    "Totals",
+    "iso_time",
+    "report",
+    "short_duration",
+]
+
+OUTBOX_STALE_S = 60.0
+"""A file waiting in an outbox longer than this means nobody routes the bus."""
+
+
+class Totals(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts since the daemon started; null without a daemon."""
+
+    accepted: int | None = None
+    delivered: int | None = None
+    duplicates: int | None = None
+    dead_lettered: int | None = None
+
+
+class Rate(msgspec.Struct, frozen=True, kw_only=True):
+    """Events per minute over the last 1 and 15 minutes (JSON keys ``1m``, ``15m``)."""
+
+    one_min: float | None = msgspec.field(default=None, name="1m")
+    fifteen_min: float | None = msgspec.field(default=None, name="15m")
+
+
+class Rates(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-minute rates by kind; ``msgspec.convert(RateTracker.per_minute(), Rates)``."""
+
+    accepted: Rate = msgspec.field(default_factory=Rate)
+    delivered: Rate = msgspec.field(default_factory=Rate)
+    dead_lettered: Rate = msgspec.field(default_factory=Rate)
+
+
+class DaemonInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What only a running daemon knows; the daemon passes it to :func:`report`."""
+
+    pid: int
+    uptime_s: float
+    socket: str
+    watcher: str
+    config_file: str | None
+    dedupe_index: int
+    undelivered: int
+    totals: Totals
+    rates_per_min: Rates
+
+
+class DaemonState(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``daemon`` section: ``error`` is set when one listens but does not answer."""
+
+    running: bool
+    pid: int | None
+    uptime_s: float | None
+    version: str | None
+    socket: str
+    watcher: str | None
+    error: str | None
+
+
+class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent's mailboxes; times are ISO 8601 UTC."""
+
+    ready: int
+    in_flight: int
+    max_in_flight: int
+    redelivered: int
+    oldest_ready_age_s: float | None
+    outbox: int
+    outbox_oldest_age_s: float | None
+    last_delivery_at: str | None
+    last_ack_at: str | None
+
+
+class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Files nobody has routed yet, over every outbox."""
+
+    backlog: int
+    oldest_age_s: float | None
+
+
+class DlqStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Dead letters by reason (sorted) and the age of the oldest."""
+
+    entries: int
+    by_reason: dict[str, int]
+    oldest_age_s: float | None
+
+
+class JournalStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """Segments and bytes; ``undelivered`` (awaiting inbox files) only with a daemon."""
+
+    segments: int
+    bytes: int
+    undelivered: int | None
+
+
+class DedupeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The deduplication index size (daemon only) and window."""
+
+    index_size: int | None
+    window_s: float
+
+
+class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``busd status --json`` prints and the ``status`` RPC returns (field order = keys)."""
+
+    root: str
+    version: str
+    config_file: str | None
+    daemon: DaemonState
+    agents: dict[str, AgentStatus]
+    outbox: OutboxStatus
+    dlq: DlqStatus
+    journal: JournalStatus
+    dedupe: DedupeStatus
+    totals: Totals
+    rates_per_min: Rates
+    generated_at: str
+    attention: list[str]
+    healthy: bool
+
+
+def report(
+    config: Config, daemon: DaemonInfo | None, *, daemon_error: str | None = None
+) -> StatusReport:
+    """The status of ``config``'s bus; ``daemon`` is None when none runs.
+
+    ``daemon_error`` says a daemon listens but did not answer (``code: message``):
+    the report is then read from the files and marks the daemon running with it.
+    """
+    layout = config.layout
+    now = time.time()
+    agents: dict[str, AgentStatus] = {}
+    oldest_outbox: float | None = None
+    for agent in layout.agents():
+        ready = _names(layout.inbox_dir(agent))
+        claimed = _names(layout.locks_dir(agent))
+        outbox = _names(layout.outbox_dir(agent))
+        waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
+        if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
+            oldest_outbox = waiting
+        agents[agent] = AgentStatus(
+            ready=len(ready),
+            in_flight=len(claimed),
+            max_in_flight=config.max_in_flight,
+            redelivered=sum(1 for n in _delivered(ready) if n[21:24] != "000"),
+            oldest_ready_age_s=_oldest_age(ready, now),
+            outbox=len(outbox),
+            outbox_oldest_age_s=_age(waiting, now),
+            last_delivery_at=iso_time(_newest_arrival(ready, claimed)),
+            last_ack_at=iso_time(_mtime(layout.ledger(agent))),
+        )
+    running = daemon is not None or daemon_error is not None
+    state = DaemonState(
+        running=running,
+        pid=daemon.pid if daemon else None,
+        uptime_s=daemon.uptime_s if daemon else None,
+        version=__version__ if running else None,
+        socket=daemon.socket if daemon else str(socket_path(config)),
+        watcher=daemon.watcher if daemon else None,
+        error=daemon_error,
+    )
+    segments = [n for n in _names(layout.journal) if n.endswith(".ndjson")]
+    journal = JournalStatus(
+        segments=len(segments),
+        bytes=sum(_size(layout.journal / n) for n in segments),
+        undelivered=daemon.undelivered if daemon else None,
+    )
+    outboxes = OutboxStatus(
+        backlog=sum(a.outbox for a in agents.values()), oldest_age_s=_age(oldest_outbox, now)
+    )
+    dlq = _dlq(layout.dlq, now)
+    attention = _attention(state, dlq, outboxes, agents)
+    return StatusReport(
+        root=str(layout.root),
+        version=__version__,
+        config_file=daemon.config_file if daemon else config.config_file,
+        daemon=state,
+        agents=agents,
+        outbox=outboxes,
+        dlq=dlq,
+        journal=journal,
+        dedupe=DedupeStatus(
+            index_size=daemon.dedupe_index if daemon else None,
+            window_s=config.dedupe_window_seconds,
+        ),
+        totals=daemon.totals if daemon else Totals(),
+        rates_per_min=daemon.rates_per_min if daemon else Rates(),
+        generated_at=iso_time(now) or "",
+        attention=attention,
+        healthy=running and not attention,
+    )
+
+
+def short_duration(seconds: float | None) -> str:
+    """A short duration: ``45s``, ``3m20s``, ``2h05m``, ``7d``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    s = int(max(0.0, seconds))
+    for big, small, size, sub in (("d", "h", 86400, 3600), ("h", "m", 3600, 60), ("m", "s", 60, 1)):
+        if s >= size:
+            whole, rest = divmod(s, size)
+            rest //= sub
+            return f"{whole}{big}{rest:02d}{small}" if rest and whole < 10 else f"{whole}{big}"
+    return f"{s}s"
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """``epoch`` as ISO 8601 UTC with microseconds and ``Z``, the bus's time format."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _attention(
+    daemon: DaemonState,
+    dlq: DlqStatus,
+    outbox: OutboxStatus,
+    agents: dict[str, AgentStatus],
+) -> list[str]:
+    """What needs an operator, most urgent first (empty: all is well)."""
+    problems: list[str] = []
+    if not daemon.running:
+        problems.append("the daemon is not running")
+    elif daemon.error:
+        problems.append(f"the daemon does not answer: {daemon.error}")
+    if dlq.entries:
+        reasons = ", ".join(f"{r} {n}" for r, n in dlq.by_reason.items())
+        problems.append(f"{dlq.entries} dead letters ({reasons}): see `busd dlq list`")
+    if outbox.oldest_age_s is not None and outbox.oldest_age_s > OUTBOX_STALE_S:
+        problems.append(
+            f"{outbox.backlog} files wait in outboxes, the oldest for "
+            f"{short_duration(outbox.oldest_age_s)}: nothing routes the bus"
+        )
+    for name, a in agents.items():
+        if a.in_flight > a.max_in_flight > 0:
+            problems.append(f"{name} holds {a.in_flight} claims, over max_in_flight")
+    return problems
+
+
+def _dlq(directory: Path, now: float) -> DlqStatus:
+    reasons: Counter[str] = Counter()
+    oldest: float | None = None
+    for name in _names(directory):
+        if name.endswith(".reason.json"):
+            reasons[_reason_of(directory / name)] += 1
+            mtime = _mtime(directory / name)
+            if mtime is not None and (oldest is None or mtime < oldest):
+                oldest = mtime
+    return DlqStatus(
+        entries=sum(reasons.values()),
+        by_reason=dict(sorted(reasons.items())),
+        oldest_age_s=_age(oldest, now),
+    )
+
+
+def _age(epoch: float | None, now: float) -> float | None:
+    return None if epoch is None else round(now - epoch, 3)
 
 
 def _names(path: os.PathLike[str] | str) -> list[str]:
@@ -57,58 +334,6 @@ def _oldest_mtime(directory: Path, names: list[str]) -> float | None:
         if mtime is not None and (oldest is None or mtime < oldest):
             oldest = mtime
     return oldest
-
-
-def collect(config: Config, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything ``busd status --json`` prints; ``daemon`` is None when none runs."""
-    layout = config.layout
-    now = time.time()
-    agents: dict[str, Any] = {}
-    oldest_outbox: float | None = None
-    for agent in layout.agents():
-        ready = _names(layout.inbox_dir(agent))
-        claimed = _names(layout.locks_dir(agent))
-        outbox = _names(layout.outbox_dir(agent))
-        waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
-        if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
-            oldest_outbox = waiting
-        redelivered = sum(1 for n in _delivered(ready) if n[21:24] != "000")
-        agents[agent] = {
-            "ready": len(ready),
-            "in_flight": len(claimed),
-            "max_in_flight": config.max_in_flight,
-            "redelivered": redelivered,
-            "oldest_ready_age_s": _oldest_age(ready, now),
-            "outbox": len(outbox),
-            "outbox_oldest_age_s": None if waiting is None else round(now - waiting, 3),
-            "last_delivery_at": _newest_arrival(ready, claimed),
-            "last_ack_at": _mtime(layout.ledger(agent)),
-        }
-    reasons: Counter[str] = Counter()
-    oldest_dlq: float | None = None
-    for name in _names(layout.dlq):
-        if name.endswith(".reason.json"):
-            reasons[_reason_of(layout.dlq / name)] += 1
-            mtime = _mtime(layout.dlq / name)
-            if mtime is not None and (oldest_dlq is None or mtime < oldest_dlq):
-                oldest_dlq = mtime
-    segments = [n for n in _names(layout.journal) if n.endswith(".ndjson")]
-    journal_bytes = sum(_size(layout.journal / n) for n in segments)
-    return {
-        "root": str(layout.root),
-        "version": __version__,
-        "daemon": daemon or {"running": False},
-        "agents": agents,
-        "outbox_backlog": sum(a["outbox"] for a in agents.values()),
-        "outbox_oldest_age_s": None if oldest_outbox is None else round(now - oldest_outbox, 3),
-        "dlq": {
-            "entries": sum(reasons.values()),
-            "by_reason": dict(sorted(reasons.items())),
-            "oldest_age_s": None if oldest_dlq is None else round(now - oldest_dlq, 3),
-        },
-        "journal": {"segments": len(segments), "bytes": journal_bytes},
-        "dedupe_window_s": config.dedupe_window_seconds,
-    }
 
 
 def _reason_of(path: os.PathLike[str]) -> str:

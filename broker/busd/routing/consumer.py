@@ -34,11 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from busd.config import Config
-from busd.core import codec
 from busd.core.model import Message, check_agent_name, dedupe_key
 from busd.errors import InvalidMessage, InvalidName, NotFound, Reason
-from busd.store import dlq
-from busd.store.fsio import read_limited, rename_noreplace
+from busd.routing import intake, refusals
+from busd.routing.intake import Origin, Parcel, Refused, Rules
+from busd.store.fsio import rename_noreplace
 from busd.store.layout import Layout, delivery_name, parse_delivery_name
 from busd.store.ledger import LedgerRecord, ProcessedLedger, rfc3339
 from busd.store.mailbox import arrival_clock, ensure_agent_dirs
@@ -85,12 +85,13 @@ def _names(directory: Path) -> list[str]:
         return []
 
 
-def _peek(path: Path, limit: int) -> Message | None:
+def _peek(rules: Rules, origin: Origin) -> Message | None:
     """The message in a claimed file, or None if it is gone or invalid (for DLQ metadata)."""
     try:
-        return codec.decode(read_limited(path, limit), max_bytes=limit)
-    except (InvalidMessage, FileNotFoundError):
+        result = intake.admit(rules, Parcel(origin), intake.CLAIM)
+    except FileNotFoundError:
         return None
+    return None if isinstance(result, Refused) else result.message
 
 
 def _foreign_name(hidden: str) -> str:
@@ -123,10 +124,16 @@ def _return_to_inbox(layout: Layout, agent: str, path: Path, name: str) -> str:
 
 
 class Consumer:
-    """Claims and settles the messages of one agent (name checked)."""
+    """Claims and settles the messages of one agent (name checked).
+
+    ``dead_lettered`` counts the files this consumer dead-lettered (at claim
+    time, by ``fail`` and by the lease sweep), through :mod:`busd.routing.refusals`.
+    """
 
     def __init__(self, config: Config, agent_id: str) -> None:
         self.config = config
+        self._rules = Rules(config)
+        self.dead_lettered = 0
         self.agent_id = check_agent_name(agent_id)
         self.layout = config.layout
         self.inbox = self.layout.inbox_dir(agent_id)
@@ -174,15 +181,15 @@ class Consumer:
             rename_noreplace(src, dst)
         except (FileNotFoundError, FileExistsError):
             return None  # another consumer won the race (or the router renamed it)
-        limit = self.config.max_message_bytes
+        origin = self._origin(dst)
         try:
-            raw = read_limited(dst, limit)
-            msg = codec.decode(raw, max_bytes=limit)
-        except InvalidMessage as exc:
-            self._dead_letter(dst, exc, count, None)
-            return None
+            result = intake.admit(self._rules, Parcel(origin), intake.CLAIM)
         except FileNotFoundError:
             return None
+        if isinstance(result, Refused):
+            refusals.dead_letter(self.layout, result, counts=self, delivery_count=count)
+            return None
+        msg, raw = result.message, result.body
         if dedupe_key(msg) in self._ledger or msg.message_id in self._ledger:
             # Acked before: dropping the copy is what keeps side effects single.
             os.unlink(dst)
@@ -190,26 +197,25 @@ class Consumer:
         if parsed is not None and parsed.deliveries >= self.config.max_deliveries:
             n = parsed.deliveries
             detail = f"already delivered {n} times (max_deliveries={self.config.max_deliveries})"
-            self._dead_letter(dst, InvalidMessage(Reason.DELIVERY_LIMIT, detail), n, msg)
+            self._dead_letter(origin, InvalidMessage(Reason.DELIVERY_LIMIT, detail), n, msg)
             return None
         if parsed is None or parsed.message_id != msg.message_id:
             arrival = parsed.arrival if parsed is not None else arrival_clock.next()
             dst = self._rename_canonical(dst, arrival, count, msg.message_id)
         return Claim(msg, dst.name, dst, count, lease, raw)
 
-    def _dead_letter(self, path: Path, why: InvalidMessage, count: int, msg: Message | None) -> str:
-        """Move a claimed file to the DLQ; ``why`` carries the reason and detail."""
-        return dlq.dead_letter(
-            self.layout,
-            reason=why.reason,
-            detail=why.detail,
-            source=path,
-            sender=msg.agent_id if msg else None,
-            recipient=self.agent_id,
-            message_id=msg.message_id if msg else None,
-            delivery_count=count,
-            original_path=_foreign_origin(self.agent_id, path.name),
+    def _origin(self, path: Path) -> Origin:
+        """A claimed file as an origin (a foreign claim keeps the inbox path it came from)."""
+        return Origin.claim(
+            self.layout, self.agent_id, path, _foreign_origin(self.agent_id, path.name)
         )
+
+    def _dead_letter(
+        self, origin: Origin, why: InvalidMessage, count: int, msg: Message | None
+    ) -> str:
+        """Move a claimed file to the DLQ (not journaled: the consumer is no journal writer)."""
+        refused = Refused(origin, why, msg)
+        return refusals.dead_letter(self.layout, refused, counts=self, delivery_count=count).name
 
     def _rename_canonical(self, path: Path, arrival: str, count: int, message_id: str) -> Path:
         while True:
@@ -250,7 +256,7 @@ class Consumer:
             found = index.get(mid)
             if not found:
                 continue
-            msg = _peek(found[0], self.config.max_message_bytes)
+            msg = _peek(self._rules, self._origin(found[0]))
             key = msg.idempotency_key if msg is not None else None
             records.append(LedgerRecord(message_id=mid, idempotency_key=key, acked_at=now))
             paths.extend(found)
@@ -311,8 +317,11 @@ class Consumer:
                     continue
                 n = parsed.deliveries
                 why = f"lease expired on delivery {n} (max_deliveries={self.config.max_deliveries})"
-                msg = _peek(path, self.config.max_message_bytes)
-                entry = self._dead_letter(path, InvalidMessage(Reason.DELIVERY_LIMIT, why), n, msg)
+                origin = self._origin(path)
+                msg = _peek(self._rules, origin)
+                entry = self._dead_letter(
+                    origin, InvalidMessage(Reason.DELIVERY_LIMIT, why), n, msg
+                )
                 report.dead_lettered.append(entry)
             except (FileNotFoundError, NotFound):
                 continue  # acked, or moved by another sweep meanwhile
@@ -323,10 +332,10 @@ class Consumer:
         Each claimed copy gets an entry; the first one's name is returned.
         """
         why = InvalidMessage(Reason.REJECTED, reason)
-        names = [
-            self._dead_letter(p, why, _count(p), _peek(p, self.config.max_message_bytes))
-            for p in self._find(message_id)
-        ]
+        names = []
+        for path in self._find(message_id):
+            origin = self._origin(path)
+            names.append(self._dead_letter(origin, why, _count(path), _peek(self._rules, origin)))
         return names[0]
 
 

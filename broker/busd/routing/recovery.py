@@ -15,38 +15,29 @@ restart is bounded by what arrived since the last checkpoint.
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 import structlog
 
-from busd.config import Config
 from busd.core.codec import decode
 from busd.errors import InvalidMessage
 from busd.routing.holdings import Holdings
-from busd.routing.router import Router, RouteReport
+from busd.routing.router import Router
 from busd.store import dlq
-from busd.store.buslock import BusLock
-from busd.store.fsio import fsync_dir, tmp_name
+from busd.store.fsio import replace_durable
 from busd.store.journal import START, Position
 
 __all__ = [
-    "CHECKPOINT_NAME",
     "read_checkpoint",
     "recover_deliveries",
-    "route_pending",
     "write_checkpoint",
 ]
 
 _log = structlog.get_logger("busd.recovery")
 
-CHECKPOINT_NAME = "checkpoint"
-"""File in ``journal/`` holding the position up to which deliveries are durable."""
-
 
 def read_checkpoint(router: Router) -> Position:
     """The last checkpointed position, or the start of the journal if none."""
-    path = router.layout.journal / CHECKPOINT_NAME
+    path = router.layout.checkpoint_file
     try:
         return msgspec.json.decode(path.read_bytes(), type=Position)
     except (FileNotFoundError, msgspec.DecodeError):
@@ -54,27 +45,18 @@ def read_checkpoint(router: Router) -> Position:
 
 
 def write_checkpoint(router: Router) -> Position:
-    """Sync every delivery so far, then record the router's journal position.
+    """Sync every delivery so far, then record the position that covers them.
 
-    Must run in the routing lane (no route() in flight), so that the position
-    covers exactly the deliveries just synced.
+    Must run in the delivery lane (no ``finish`` in flight), so that the
+    position covers exactly the deliveries just synced (:meth:`Router.checkpoint`).
     """
-    router.sync()
-    position = router.delivered
-    directory = router.layout.journal
-    tmp = directory / f".{tmp_name()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(msgspec.json.encode(position))
-            if router.config.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, directory / CHECKPOINT_NAME)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    if router.config.fsync:
-        fsync_dir(directory)
+    position = router.checkpoint()
+    replace_durable(
+        router.layout.checkpoint_file,
+        msgspec.json.encode(position),
+        mode=0o666,  # the umask decides, as for journal segments
+        fsync=router.config.fsync,
+    )
     return position
 
 
@@ -113,27 +95,6 @@ def recover_deliveries(router: Router) -> int:
         router.deliver_again(msg, body, missing)
         redelivered += len(missing)
         _log.info("message_recovered_from_journal", message_id=msg.message_id, to=missing)
-    router.delivered = router.position  # everything journaled is now delivered
-    router.in_flight.clear()
+    router.mark_all_delivered()
     write_checkpoint(router)
     return redelivered
-
-
-def route_pending(config: Config) -> RouteReport | None:
-    """One daemon-less routing pass, if no daemon runs; None when one does.
-
-    This is how ``busd send`` then ``busd recv`` work with no daemon: the pass
-    holds the bus lock, recovers what a crashed router left, routes every
-    waiting file, and checkpoints so its deliveries are durable.
-    """
-    lock = BusLock(config.layout, role="cli")
-    if not lock.acquire(timeout=0):
-        return None
-    try:
-        with Router(config) as router:
-            recover_deliveries(router)
-            report = router.route_all()
-            write_checkpoint(router)
-            return report
-    finally:
-        lock.release()

@@ -2,7 +2,9 @@
 
 One :meth:`Router.route` call handles a batch of files as one group commit:
 
-1. read each file safely and validate it; invalid files go to the DLQ;
+1. admit each file and socket publish through the one door,
+   :mod:`busd.routing.intake`; a refused one leaves through the one way out,
+   :mod:`busd.routing.refusals` (DLQ entry, ``dead_lettered`` journal line, count);
 2. drop duplicates (dedupe key already accepted within the window);
 3. append every outcome to the journal in ONE write and ONE fsync: from this
    point an accepted message is durable, and its ``outbox/`` source is removed;
@@ -12,12 +14,12 @@ One :meth:`Router.route` call handles a batch of files as one group commit:
 Steps 1-3 are :meth:`Router.commit`, step 4 :meth:`Router.finish`. The daemon
 runs them in two lanes, so the next batch is journaled while the last one's
 inbox files are written. A crash after step 3 loses nothing: the journal after
-the last checkpoint is replayed at start-up (:mod:`busd.recovery`). A crash
+the last checkpoint is replayed at start-up (:mod:`busd.routing.recovery`). A crash
 between the fsync and the removal of a source leaves the file to be seen again:
 the dedupe index remembers the path each key was accepted from, so a file seen
 again at that same path is a *redo* (deliver to whichever recipient lacks it),
 not a duplicate. The daemon calls these from worker threads; the daemon-less
-CLI calls :func:`busd.recovery.route_pending`.
+CLI calls :func:`busd.routing.offline.route_pending`.
 
 Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 """
@@ -36,13 +38,13 @@ import msgspec
 import structlog
 
 from busd.config import Config
-from busd.core.codec import decode, encode_json
-from busd.core.model import Message, check_agent_name, dedupe_key, effective_recipients
-from busd.errors import BusdError, InvalidMessage, InvalidName, Reason, Unroutable
+from busd.core.model import Message, check_agent_name, dedupe_key
+from busd.errors import BusdError
+from busd.routing import intake, refusals
 from busd.routing.dedupe import DedupeIndex
 from busd.routing.holdings import Holdings
-from busd.store import dlq
-from busd.store.fsio import read_limited, rename_noreplace
+from busd.routing.intake import Origin, Parcel, Refused, Rules
+from busd.store.fsio import rename_noreplace
 from busd.store.journal import START, Journal, JournalEntry, Position
 from busd.store.layout import delivery_name, parse_delivery_name
 from busd.store.mailbox import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
@@ -74,12 +76,24 @@ class RouteReport(msgspec.Struct, kw_only=True):
 
 @dataclass(slots=True)
 class Incoming:
-    """A validated message handed to the router in memory (a socket publish)."""
+    """A socket publish handed to :meth:`Router.commit`: its bytes and sender.
 
-    message: Message
+    ``commit`` admits it through :data:`busd.routing.intake.SOCKET` in its
+    worker thread (decoded there, never on the event loop) and sets ``outcome``:
+    ``"accepted"``, ``"duplicate"``, or the :class:`BusdError` that refused it
+    (dead-lettered, journaled and counted in that batch's report). ``message``
+    is the decoded message afterwards (None if it did not decode). An
+    in-process caller may hand a decoded ``message`` instead of ``raw``.
+    """
+
+    message: Message | None = None
     sender: str | None = None
     raw: bytes | None = None
     outcome: str | BusdError | None = None
+
+    def __post_init__(self) -> None:
+        if self.message is None and self.raw is None:
+            raise ValueError("Incoming needs raw bytes or a message")
 
 
 @dataclass(slots=True)
@@ -104,39 +118,38 @@ class Batch:
 class _Item:
     msg: Message
     body: bytes
-    recipients: list[str] | None
+    recipients: list[str]
     rel: str | None
     path: Path | None
     incoming: Incoming | None
 
 
 class Router:
-    """Routes files of one bus. Owns the journal writer and the dedupe index.
+    """Routes files of one bus. Owns the journal writer, the dedupe index and its positions.
 
-    Not thread-safe: exactly one thread of the lock holder routes at a time.
+    Not thread-safe: exactly one thread of the lock holder commits at a time,
+    and one finishes (the two lanes). The exception is :meth:`reconfigure`,
+    which any thread may call at any time (see there).
     """
 
     def __init__(self, config: Config, journal: Journal | None = None) -> None:
-        self.config = config
         self.layout = config.layout
         check_agent_name(config.default_recipient, "default_recipient")
+        self._rules = Rules(config)
         self.journal = journal or Journal(
             self.layout.journal, segment_bytes=config.journal_segment_bytes, fsync=config.fsync
         )
         self.dedupe = DedupeIndex.rebuild(self.journal, config.dedupe_window_seconds)
-        self.subscriptions: dict[str, list[str]] = {
-            topic: list(agents) for topic, agents in config.subscriptions.items()
-        }
-        self.position: Position = self.journal.end_position()
+        self._position: Position = self.journal.end_position()
         # The journal position up to which every accepted message was delivered
         # (files written, maybe not yet synced): what a checkpoint may cover.
-        self.delivered: Position = self.position
-        self.unsynced: list[Path] = []
+        self._delivered: Position = self._position
+        self._unsynced: list[Path] = []
         # Ids from outbox files committed but not yet delivered by finish(): the
         # same file dropped again meanwhile is a duplicate, not a redo (which would
         # deliver twice). A foreign inbox file stays a redo: finish() renames it in
         # place, so it must not be removed as a duplicate while it waits.
-        self.in_flight: set[str] = set()
+        self._in_flight: set[str] = set()
 
     def __enter__(self) -> Router:
         return self
@@ -149,6 +162,66 @@ class Router:
     def close(self) -> None:
         """Close the journal writer."""
         self.journal.close()
+
+    # -- configuration and positions ----------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The config the next :meth:`commit` routes by."""
+        return self._rules.config
+
+    @property
+    def subscriptions(self) -> dict[str, list[str]]:
+        """A copy of the topic map the next :meth:`commit` routes by."""
+        return {topic: list(agents) for topic, agents in self._rules.subscriptions.items()}
+
+    def reconfigure(self, config: Config, subscriptions: dict[str, list[str]]) -> None:
+        """Route by ``config`` and ``subscriptions`` from the next :meth:`commit` on.
+
+        Safe from any thread, at any time: the config and the topic map are
+        built into one immutable :class:`~busd.routing.intake.Rules` and
+        published with one reference store, and each :meth:`commit` reads that
+        reference once, at its start. A commit already running finishes under
+        the old rules; the next one sees the new ones, never a mix. The dedupe
+        window is read only by ``dedupe.expire()`` (never by a commit), which
+        reads it once. The root (hence the layout) must not change.
+        """
+        check_agent_name(config.default_recipient, "default_recipient")
+        self._rules = Rules(config, subscriptions)
+        self.dedupe.window_s = config.dedupe_window_seconds
+
+    @property
+    def position(self) -> Position:
+        """The journal position after the last commit."""
+        return self._position
+
+    @property
+    def delivered(self) -> Position:
+        """The position up to which every accepted message has its inbox files."""
+        return self._delivered
+
+    @property
+    def unsynced(self) -> Sequence[Path]:
+        """Deliveries written since the last :meth:`sync` (not a copy: do not keep it)."""
+        return self._unsynced
+
+    def needs_checkpoint(self, since: Position) -> bool:
+        """Whether a checkpoint would cover more than one taken at ``since``."""
+        return bool(self._unsynced) or self._delivered != since
+
+    def checkpoint(self) -> Position:
+        """Make every delivery so far durable; the position a checkpoint may now record.
+
+        Run in the delivery lane (no :meth:`finish` in flight), so that the
+        position covers exactly the deliveries just synced.
+        """
+        self.sync()
+        return self._delivered
+
+    def mark_all_delivered(self) -> None:
+        """Everything journaled is delivered (recovery re-delivered what was missing)."""
+        self._delivered = self._position
+        self._in_flight.clear()
 
     # -- scanning ---------------------------------------------------------
 
@@ -196,25 +269,31 @@ class Router:
         return report
 
     def commit(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> Batch:
-        """Validate, deduplicate and journal a batch: ONE journal write and fsync.
+        """Admit, deduplicate and journal a batch: ONE journal write and fsync.
 
-        When this returns, every accepted message is durable, its ``outbox/``
-        source is gone, and each :class:`Incoming` has its ``outcome``:
-        ``"accepted"``, ``"duplicate"`` or the :class:`BusdError` that refused it.
-        Deliveries wait for :meth:`finish`, which may run in another thread while
-        the next ``commit`` does (never two ``finish`` or two ``commit`` at once).
+        Every file and every :class:`Incoming` passes :mod:`busd.routing.intake`;
+        a refused one is dead-lettered through :mod:`busd.routing.refusals`,
+        journaled ``dead_lettered`` in this same write and counted in
+        ``batch.report``. When this returns, every accepted message is durable,
+        its ``outbox/`` source is gone, and each :class:`Incoming` has its
+        ``outcome``. Deliveries wait for :meth:`finish`, which may run in another
+        thread while the next ``commit`` does (never two ``finish`` or two
+        ``commit`` at once).
         """
+        rules = self._rules  # once: a concurrent reconfigure never mixes two configs in a batch
         batch = Batch()
         removals: list[Path] = []
         report = batch.report
         entries: list[JournalEntry] = []
         keys: set[str] = set()
         now = datetime.now(UTC)
-        items = [i for p in paths if (i := self._read(p, entries, report, now)) is not None]
-        items.extend(self._take(inc, entries, report, now) for inc in incoming)
+        items = [
+            i for p in paths if (i := self._admit_file(rules, p, entries, report, now)) is not None
+        ]
+        for inc in incoming:
+            if (item := self._admit_publish(rules, inc, entries, report, now)) is not None:
+                items.append(item)
         for item in items:
-            if item.recipients is None:
-                continue  # refused: already dead-lettered and journaled
             key = dedupe_key(item.msg)
             mid = item.msg.message_id
             # message ids are unique by contract: a second message with a seen id is a
@@ -224,7 +303,7 @@ class Router:
                 item.rel is not None
                 and seen is not None
                 and seen.source == item.rel
-                and mid not in self.in_flight
+                and mid not in self._in_flight
             ):
                 batch.redo.append(item)
             elif seen is not None or key in keys or mid in keys:
@@ -240,8 +319,8 @@ class Router:
                 entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(item.body)))
                 batch.accepted.append(item)
         if entries:
-            self.position = self.journal.append(entries)
-        batch.position = self.position
+            self._position = self.journal.append(entries)
+        batch.position = self._position
         stamp = time.time()
         for item in batch.accepted:
             self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
@@ -251,10 +330,10 @@ class Router:
                 item.incoming.outcome = "accepted"
                 item.incoming = None  # its raw bytes need not wait for finish()
             report.accepted += 1
-            report.delivered += len(item.recipients or ())
+            report.delivered += len(item.recipients)
             if item.path is not None and item.path.parent.parent != self.layout.inbox:
                 removals.append(item.path)  # journaled: the source has done its job
-                self.in_flight.add(item.msg.message_id)
+                self._in_flight.add(item.msg.message_id)
         for path in removals:
             _unlink(path)
         if batch.accepted:
@@ -273,101 +352,67 @@ class Router:
         """
         report = RouteReport()
         jobs: list[tuple[str, bytes, str, str]] = []
+        holdings: Holdings | None = None  # one per pass, and only when there is a redo
         for batch in batches:
             for item in batch.accepted:
                 self._deliver(item, jobs)
                 _log.debug("message_accepted", message_id=item.msg.message_id, to=item.recipients)
             for item in batch.redo:
-                self._redo(item, jobs)
+                holdings = holdings or Holdings(self.config)
+                self._redo(item, jobs, holdings)
                 report.redone += 1
         self._write(jobs)
         for batch in batches:
             for item in batch.redo:
                 if item.path is not None and item.path.parent.parent != self.layout.inbox:
                     _unlink(item.path)
-            report.recipients.update(r for i in batch.accepted for r in i.recipients or ())
-            self.in_flight.difference_update(i.msg.message_id for i in batch.accepted)
+            report.recipients.update(r for i in batch.accepted for r in i.recipients)
+            self._in_flight.difference_update(i.msg.message_id for i in batch.accepted)
         if batches:
             # Only now may a checkpoint cover these batches: their deliveries all exist.
-            self.delivered = max(self.delivered, batches[-1].position)
+            self._delivered = max(self._delivered, batches[-1].position)
         return report
 
     def _write(self, jobs: list[tuple[str, bytes, str, str]]) -> None:
         for agent in {job[0] for job in jobs}:
             ensure_agent_dirs(self.layout, agent)
         for agent, body, message_id, arrival in jobs:
-            self.unsynced.append(deliver(self.layout, agent, body, message_id, arrival=arrival))
+            self._unsynced.append(deliver(self.layout, agent, body, message_id, arrival=arrival))
 
-    def _read(
-        self, path: Path, entries: list[JournalEntry], report: RouteReport, now: datetime
+    def _admit_file(
+        self,
+        rules: Rules,
+        path: Path,
+        entries: list[JournalEntry],
+        report: RouteReport,
+        now: datetime,
     ) -> _Item | None:
-        rel = path.relative_to(self.layout.root).as_posix()
-        name_ok = _utf8(rel)
-        if not name_ok:
-            # Journal lines and reason records are UTF-8: keep a readable form.
-            rel = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        in_inbox = path.parent.parent == self.layout.inbox
-        owner = path.parent.name if path.parent != self.layout.outbox else None
-        # An inbox file's directory names its recipient; an outbox file's, its sender.
-        sender, recipient = (None, owner) if in_inbox else (owner, None)
-        limit = self.config.max_message_bytes
-        msg: Message | None = None
+        origin = Origin.file(self.layout, path)
         try:
-            if not name_ok:
-                raise InvalidMessage(Reason.INVALID_UTF8, f"file name {rel!r} is not UTF-8")
-            data = read_limited(path, limit)
-            msg = decode(data, max_bytes=limit)
-            # The journal and the inbox hold canonical JSON; a Markdown message can
-            # grow in that form, and must not pass here only to fail at claim time.
-            body = encode_json(msg)
-            if len(body) > limit:
-                raise InvalidMessage(
-                    Reason.TOO_LARGE, f"{len(body)} bytes as JSON is over the limit of {limit}"
-                )
-            recipients = [recipient] if recipient else self._recipients(msg)
+            result = intake.admit(rules, Parcel(origin), intake.FILE)
         except FileNotFoundError:
             return None  # claimed or removed by someone else since the scan
-        except (InvalidMessage, Unroutable, InvalidName) as exc:
-            entries.append(
-                self._dead_letter(
-                    exc, now, sender, source=path, rel=rel, msg=msg, recipient=recipient
-                )
-            )
-            report.dead_lettered += 1
+        if isinstance(result, Refused):
+            refusals.dead_letter(self.layout, result, at=now, entries=entries, counts=report)
             return None
-        return _Item(msg, body, recipients, rel, path, None)
+        return _Item(result.message, result.body, result.recipients, origin.rel, path, None)
 
-    def _take(
-        self, inc: Incoming, entries: list[JournalEntry], report: RouteReport, now: datetime
-    ) -> _Item:
-        body = encode_json(inc.message)
-        try:
-            recipients: list[str] | None = self._recipients(inc.message)
-        except Unroutable as exc:
-            entries.append(
-                self._dead_letter(exc, now, inc.sender, data=inc.raw or body, msg=inc.message)
-            )
-            report.dead_lettered += 1
-            inc.outcome = exc
-            recipients = None
-        return _Item(inc.message, body, recipients, None, None, inc)
-
-    def _recipients(self, msg: Message) -> list[str]:
-        out: list[str] = []
-        for r in effective_recipients(msg, self.config.default_recipient):
-            if r.startswith("topic:"):
-                subscribers = self.subscriptions.get(r[6:], [])
-                if not subscribers:
-                    raise Unroutable(f"topic {r[6:]!r} has no subscribers")
-                out.extend(subscribers)
-            else:
-                out.append(r)
-        out = list(dict.fromkeys(out))
-        if self.config.unknown_recipient == "dlq":
-            unknown = [r for r in out if not self.layout.inbox_dir(r).is_dir()]
-            if unknown:
-                raise Unroutable(f"unknown recipient(s): {', '.join(unknown)}")
-        return out
+    def _admit_publish(
+        self,
+        rules: Rules,
+        inc: Incoming,
+        entries: list[JournalEntry],
+        report: RouteReport,
+        now: datetime,
+    ) -> _Item | None:
+        parcel = Parcel(Origin.socket(inc.sender), data=inc.raw, message=inc.message)
+        result = intake.admit(rules, parcel, intake.SOCKET)
+        inc.message = result.message
+        if isinstance(result, Refused):
+            refusals.dead_letter(self.layout, result, at=now, entries=entries, counts=report)
+            inc.outcome = result.error
+            return None
+        return _Item(result.message, result.body, result.recipients, None, None, inc)
 
     def _deliver(self, item: _Item, jobs: list[tuple[str, bytes, str, str]]) -> None:
         path = item.path
@@ -379,17 +424,20 @@ class Router:
                 rename_noreplace(path, target)
             except FileNotFoundError:
                 return  # a daemon-less consumer claimed it first: it is journaled, that is all
-            self.unsynced.append(target)
+            self._unsynced.append(target)
             return
-        for r in item.recipients or ():
+        for r in item.recipients:
             jobs.append((r, item.body, item.msg.message_id, arrival_clock.next()))
 
-    def _redo(self, item: _Item, jobs: list[tuple[str, bytes, str, str]]) -> None:
+    def _redo(
+        self, item: _Item, jobs: list[tuple[str, bytes, str, str]], holdings: Holdings
+    ) -> None:
         """Finish a pass that died after the journal append: deliver what is missing."""
         if item.path is not None and item.path.parent.parent == self.layout.inbox:
             self._deliver(item, jobs)
             return
-        missing = [r for r in item.recipients or () if not self.has(r, item.msg, len(item.body))]
+        size = len(item.body)
+        missing = [r for r in item.recipients if not holdings.has(r, item.msg, size)]
         if missing:
             self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None), jobs)
         _log.info("message_redelivered_after_crash", message_id=item.msg.message_id, to=missing)
@@ -400,62 +448,11 @@ class Router:
         self._deliver(_Item(msg, body, recipients, None, None, None), jobs)
         self._write(jobs)
 
-    def has(self, agent: str, msg: Message, size: int | None = None) -> bool:
-        """Whether ``agent`` has ``msg``: ready, claimed (of ``size`` bytes), or acked."""
-        return Holdings(self.config).has(agent, msg, size)
-
     def sync(self) -> None:
         """Make every delivery since the last call durable (files, then directories)."""
-        if self.unsynced and self.config.fsync:
-            sync_dirs(self.unsynced)
-        self.unsynced.clear()
-
-    def _dead_letter(
-        self,
-        exc: BusdError,
-        now: datetime,
-        sender: str | None,
-        *,
-        source: Path | None = None,
-        rel: str | None = None,
-        data: bytes | None = None,
-        msg: Message | None = None,
-        recipient: str | None = None,
-    ) -> JournalEntry:
-        if isinstance(exc, InvalidMessage):
-            reason, detail = exc.reason, exc.detail
-        else:
-            reason, detail = Reason.UNROUTABLE, exc.message
-        name = dlq.dead_letter(
-            self.layout,
-            reason=reason,
-            detail=detail,
-            source=source,
-            data=data,
-            sender=sender,
-            recipient=recipient,
-            message_id=msg.message_id if msg else None,
-            original_path=rel,
-        )
-        _log.warning("message_dead_lettered", source=rel, reason=reason.value, detail=detail)
-        return JournalEntry(
-            event="dead_lettered",
-            at=now,
-            source=rel,
-            agent=sender,
-            reason=reason.value,
-            detail=detail,
-            to=[name],
-            message_id=msg.message_id if msg else None,
-        )
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        if self._unsynced and self.config.fsync:
+            sync_dirs(self._unsynced)
+        self._unsynced.clear()
 
 
 def _entry(

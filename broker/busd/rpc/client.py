@@ -18,12 +18,18 @@ import itertools
 import json
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from busd import errors
-from busd.config import PATH_FILE, Config, socket_path
-from busd.errors import BusdError, InvalidMessage, Reason
+from busd.config import Config, endpoints
+from busd.errors import (
+    BusdError,
+    DaemonNotRunning,
+    InvalidMessage,
+    Reason,
+    RemoteError,
+    RpcTimeout,
+)
 
 __all__ = [
     "DaemonNotRunning",
@@ -38,43 +44,14 @@ _ids = itertools.count(1)
 _CONNECT_TIMEOUT_S = 2.0
 
 
-class DaemonNotRunning(BusdError):
-    """Nothing listens on the bus's socket: no daemon runs (or it is starting)."""
-
-    code = "daemon_not_running"
-
-
-class RpcTimeout(BusdError):
-    """The daemon accepted the connection but did not answer in time."""
-
-    code = "timeout"
-
-
-class RemoteError(BusdError):
-    """An error answer whose code this client does not know; ``context`` has the details."""
-
-    code = "remote_error"
-
-
 _BY_CODE: dict[str, type[BusdError]] = {
     cls.code: cls
     for name in errors.__all__
     if isinstance(cls := getattr(errors, name), type)
     and issubclass(cls, BusdError)
-    and cls not in (errors.BusdError, errors.InvalidMessage, errors.AlreadyRunning)
+    and cls
+    not in (errors.BusdError, errors.InvalidMessage, errors.AlreadyRunning, errors.RemoteError)
 }
-
-
-def endpoints(config: Config) -> list[Path]:
-    """Where the daemon of ``config`` may listen, in the order clients try them."""
-    found = [socket_path(config)]
-    try:
-        written = (config.layout.root / PATH_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        written = ""
-    if written and Path(written) not in found:
-        found.append(Path(written))
-    return found
 
 
 def _connect(config: Config, timeout: float) -> socket.socket:

@@ -12,10 +12,14 @@ Contracts:
   reason code, e.g. ``schema``).
 * Notifications pushed to subscribers are requests without an ``id``, method
   ``message``.
+* Results are msgspec Structs (``*Result``) whose fields are, in order, the
+  keys of docs/protocol.md §11: they encode to the same JSON as the dicts they
+  replaced, byte for byte.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -29,18 +33,32 @@ __all__ = [
     "METHOD_NOT_FOUND",
     "PARSE_ERROR",
     "AckParams",
+    "AckResult",
     "AgentParams",
+    "BatchItem",
+    "ClaimedMessage",
     "DlqListParams",
+    "DlqListResult",
     "DlqShowParams",
+    "DlqShowResult",
+    "ErrorBody",
     "ExtendParams",
+    "ExtendResult",
     "FetchParams",
+    "FetchResult",
     "NackParams",
+    "NackResult",
+    "PingResult",
     "PublishBatchParams",
+    "PublishBatchResult",
     "PublishParams",
+    "PublishResult",
     "ReplayParams",
+    "ReplayResult",
     "Request",
     "RpcError",
     "SubscribeParams",
+    "SubscribeResult",
     "encode_error",
     "encode_notification",
     "encode_result",
@@ -165,6 +183,103 @@ class ReplayParams(_Params):
     all: bool = False
     to: _Agent | None = None
     dry_run: bool = False
+
+
+class PingResult(msgspec.Struct):
+    """``ping``."""
+
+    version: str
+    pid: int
+    uptime_s: float
+
+
+class PublishResult(msgspec.Struct):
+    """``publish``, and each accepted message of ``publish_batch``."""
+
+    message_id: str
+    duplicate: bool
+
+
+class ErrorBody(msgspec.Struct):
+    """The ``error`` member of an answer (and of a ``publish_batch`` item)."""
+
+    code: int
+    message: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, err: RpcError) -> ErrorBody:
+        """The body of ``err``."""
+        return cls(err.code, err.message, err.data)
+
+
+class BatchItem(msgspec.Struct, omit_defaults=True):
+    """One ``publish_batch`` item: ``{"result": ...}`` or ``{"error": ...}``."""
+
+    result: PublishResult | None = None
+    error: ErrorBody | None = None
+
+
+class PublishBatchResult(msgspec.Struct):
+    """``publish_batch``: one item per message, in order."""
+
+    results: list[BatchItem]
+
+
+class ClaimedMessage(msgspec.Struct):
+    """A claimed message, as ``fetch`` returns it and ``subscribe`` pushes it."""
+
+    message: msgspec.Raw
+    delivery_count: int
+    lease_expires_at: datetime
+
+
+class FetchResult(msgspec.Struct):
+    """``fetch``."""
+
+    messages: list[ClaimedMessage]
+
+
+class AckResult(msgspec.Struct):
+    """``ack``: how many of the ids were claimed (and are now acknowledged)."""
+
+    acked: int
+
+
+class NackResult(msgspec.Struct):
+    """``nack``: ``{}``."""
+
+
+class ExtendResult(msgspec.Struct):
+    """``extend``."""
+
+    lease_expires_at: datetime
+
+
+class SubscribeResult(msgspec.Struct):
+    """``subscribe``, answered before the first push."""
+
+    subscribed: bool = True
+
+
+class DlqListResult(msgspec.Struct):
+    """``dlq.list``: each entry is ``{name, ...its reason record}``."""
+
+    entries: list[dict[str, Any]]
+
+
+class DlqShowResult(msgspec.Struct):
+    """``dlq.show``: the reason record and the original bytes (as UTF-8, replaced)."""
+
+    name: str
+    record: dict[str, Any]
+    data: str
+
+
+class ReplayResult(msgspec.Struct):
+    """``replay``: ``[{name, status, target, message_id, detail}]``."""
+
+    replayed: list[dict[str, Any]]
 
 
 _request_decoder = msgspec.json.Decoder(Request)

@@ -38,16 +38,17 @@ from anyio.abc import (
     TaskStatus,
 )
 
-from busd.config import PATH_FILE, Config, socket_path
+from busd.config import Config, socket_path
 from busd.errors import BusdError, Forbidden, Overloaded
 from busd.routing.consumer import Claim
-from busd.rpc.methods import Service, claim_payload
+from busd.rpc.methods import Methods, claim_payload
 from busd.rpc.protocol import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     RpcError,
     SubscribeParams,
+    SubscribeResult,
     encode_error,
     encode_notification,
     encode_result,
@@ -56,8 +57,9 @@ from busd.rpc.protocol import (
     parse_request,
 )
 from busd.rpc.winpipe import PipeListener
+from busd.store.fsio import replace_durable
 
-__all__ = ["ENVELOPE_BYTES", "PATH_FILE", "Server", "socket_path"]
+__all__ = ["ENVELOPE_BYTES", "Server", "socket_path"]
 
 _log = structlog.get_logger("busd.server")
 ENVELOPE_BYTES = 64 * 1024
@@ -109,11 +111,15 @@ class _Lines:
 
 
 class Server:
-    """Accepts connections and answers JSON-RPC requests through a :class:`Service`."""
+    """Accepts connections and answers JSON-RPC requests through :class:`Methods`.
 
-    def __init__(self, config: Config, service: Service) -> None:
+    ``config`` is the config at start-up: the endpoint and the limits it sets
+    (``max_connections``, line length, allowed peers) hold until a restart.
+    """
+
+    def __init__(self, config: Config, methods: Methods) -> None:
         self.config = config
-        self.service = service
+        self.methods = methods
         self.path = socket_path(config)
         self.connections = 0
         self._owns_path = True
@@ -135,7 +141,7 @@ class Server:
                 await self._accept_forever(listener)
         finally:
             if self._owns_path:
-                for p in (self.path, self.config.layout.root / PATH_FILE):
+                for p in (self.path, self.config.layout.socket_path_file):
                     try:
                         p.unlink()
                     except FileNotFoundError:
@@ -187,11 +193,12 @@ class Server:
 
     def _record_path(self) -> None:
         # Clients look at <root>/busd.sock first, then at the path recorded here.
-        record = self.config.layout.root / PATH_FILE
-        if self.path != self.config.layout.root / "busd.sock":
-            record.write_text(str(self.path) + "\n")
+        layout = self.config.layout
+        if self.path != layout.socket:
+            # Written whole or not at all: a client must never read half a path.
+            replace_durable(layout.socket_path_file, os.fsencode(self.path) + b"\n")
         else:
-            record.unlink(missing_ok=True)
+            layout.socket_path_file.unlink(missing_ok=True)
 
     def _allowed(self, stream: ByteStream) -> tuple[bool, dict[str, int]]:
         if not isinstance(stream, SocketStream):
@@ -242,7 +249,7 @@ class Connection:
 
     def __init__(self, server: Server, stream: ByteStream) -> None:
         self.server = server
-        self.service = server.service
+        self.methods = server.methods
         self.stream = stream
         self.send_lock = anyio.Lock()
         limit = server.config.max_message_bytes + ENVELOPE_BYTES
@@ -301,27 +308,28 @@ class Connection:
         """Run ``method`` with ``params``; raise :class:`RpcError` or a busd error."""
         if method == "subscribe":
             await self.subscribe(parse_params(params, SubscribeParams), tg)
-            return {"subscribed": True}
-        entry = self.service.methods.get(method)
+            return SubscribeResult()
+        entry = self.methods.methods.get(method)
         if entry is None:
             raise RpcError(METHOD_NOT_FOUND, f"no method {method!r}", "method_not_found")
         kind, handler = entry
         return await handler(parse_params(params, kind))
 
     async def subscribe(self, params: SubscribeParams, tg: TaskGroup) -> None:
-        sub = self.service.add_subscription(params)
+        subscribers = self.methods.subscribers
+        sub = await subscribers.add(params)
 
         async def push(claim: Claim) -> None:
             await self.send(encode_notification("message", claim_payload(claim)))
 
         async def run() -> None:
             try:
-                await self.service.pushes(sub, push)
+                await subscribers.pushes(sub, push)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the subscriber went away; its claims come back after their leases
             except Exception as exc:  # noqa: BLE001 - a subscriber must never take the server down
                 _log.exception("subscription_failed", agent=sub.agent_id, error=repr(exc))
             finally:
-                self.service.remove_subscription(sub)
+                subscribers.remove(sub)
 
         tg.start_soon(run)

@@ -22,6 +22,7 @@ import structlog
 import watchfiles
 
 from busd.config import Config
+from busd.ops.host import inotify_budget
 from busd.store.layout import parse_delivery_name
 
 __all__ = ["Hint", "watch"]
@@ -86,32 +87,6 @@ async def watch(config: Config, on_hints: Callable[[set[Path]], None], stop: any
                 await stop.wait()
 
 
-_WATCH_LIMITS = ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches")
-
-
-def _watch_limit() -> int | None:
-    """The inotify watch limit in force (the smaller of the user and namespace limits)."""
-    limits = []
-    for path in _WATCH_LIMITS:
-        try:
-            limits.append(int(Path(path).read_text()))
-        except (OSError, ValueError):
-            continue
-    return min(limits) if limits else None
-
-
-def _needed_watches(config: Config) -> int:
-    layout = config.layout
-    count = 2
-    for top in (layout.outbox, layout.inbox):
-        try:
-            with os.scandir(top) as it:
-                count += sum(1 for e in it if e.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            continue
-    return count
-
-
 async def _watch_once(
     config: Config, on_hints: Callable[[set[Path]], None], stop: anyio.Event, polling: bool
 ) -> None:
@@ -119,9 +94,17 @@ async def _watch_once(
     outbox, inbox = str(layout.outbox) + os.sep, str(layout.inbox) + os.sep
     if not polling:
         # Past the limit inotify silently skips directories; polling sees them all.
-        limit, needed = _watch_limit(), _needed_watches(config)
-        if limit is not None and needed > limit:
-            _log.warning("watcher_watch_limit", needed=needed, limit=limit, fallback="polling")
+        # The same budget as `busd doctor`, so it reports exactly this fallback.
+        budget = inotify_budget(layout)
+        if not budget.native:
+            limits = budget.limits
+            _log.warning(
+                "watcher_watch_limit",
+                needed=budget.needed_watches,
+                limit=limits.max_watches,
+                instances=limits.max_instances,
+                fallback="polling",
+            )
             polling = True
     _log.info("watcher_starting", mode="polling" if polling else "native")
     watcher = watchfiles.awatch(

@@ -3,19 +3,20 @@
 The daemon holds it for its whole life; the daemon-less CLI holds it for one
 routing pass. The holder writes ``{"pid", "role", "since"}`` into the file so
 that a refused process can name who is running. The lock is an OS file lock
-(portalocker), so it dies with its process: a SIGKILLed daemon never leaves a
-lock that blocks the next start.
+(:func:`~busd.store.fsio.file_lock`), so it dies with its process: a SIGKILLed
+daemon never leaves a lock that blocks the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
-import portalocker
-
+from busd.errors import LockTimeout
+from busd.store.fsio import file_lock
 from busd.store.layout import Layout
 
 __all__ = ["BusLock", "Role"]
@@ -24,49 +25,45 @@ Role = Literal["daemon", "cli"]
 
 
 class BusLock:
-    """An exclusive, non-reentrant lock on ``<root>/busd.lock``."""
+    """An exclusive, non-reentrant lock on ``<root>/busd.lock``, held with ``file_lock``."""
 
     def __init__(self, layout: Layout, role: Role) -> None:
-        self.path = layout.lock_file
+        self.path = layout.bus_lock
         self.role = role
-        self._fh: IO[str] | None = None
+        self._held: contextlib.ExitStack | None = None
 
     @property
     def held(self) -> bool:
         """True while this object holds the lock."""
-        return self._fh is not None
+        return self._held is not None
 
-    def acquire(self, timeout: float = 0.0, poll: float = 0.02) -> bool:
-        """Try to take the lock for up to ``timeout`` seconds; return whether we hold it."""
-        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open while locked
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                portalocker.lock(
-                    fh, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-                )
-                break
-            except portalocker.exceptions.LockException:
-                if time.monotonic() >= deadline:
-                    fh.close()
-                    return False
-                time.sleep(poll)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "role": self.role, "since": time.time()}))
-        fh.flush()
-        self._fh = fh
+    def acquire(self, timeout: float = 0.0) -> bool:
+        """Try to take the lock for up to ``timeout`` seconds; return whether we hold it.
+
+        Once held, the file's content is replaced by ``{"pid", "role", "since"}``
+        (one JSON object, no newline, protocol.md 9).
+        """
+        stack = contextlib.ExitStack()
+        try:
+            fh = stack.enter_context(file_lock(self.path, timeout=timeout, what="the bus lock"))
+        except LockTimeout:
+            return False
+        try:
+            fh.truncate(0)
+            fh.seek(0)
+            info = {"pid": os.getpid(), "role": self.role, "since": time.time()}
+            fh.write(json.dumps(info).encode())
+        except BaseException:
+            stack.close()
+            raise
+        self._held = stack
         return True
 
     def release(self) -> None:
         """Release the lock (idempotent). The file stays; its content goes stale."""
-        if self._fh is None:
-            return
-        try:
-            portalocker.unlock(self._fh)
-        finally:
-            self._fh.close()
-            self._fh = None
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def holder(self) -> dict[str, Any] | None:
         """What the current or last holder wrote, or None if unknown."""

@@ -1,4 +1,4 @@
-"""Dead-letter entries: the original bytes plus a reason record, listing, replay, purge.
+"""Dead-letter entries: the original bytes plus a reason record, listing, purge.
 
 An entry in ``<root>/dlq/`` is two names:
 
@@ -14,12 +14,15 @@ their records: data without a record is a write in progress (or a crash in
 one) and is skipped. Removal goes the other way (record first), so an entry
 vanishes atomically for readers.
 
-Replay (:func:`replay`) validates the bytes again and, when they pass, hands
-them back to the bus and moves the record to ``dlq/replayed/<sha256>.json``,
-keyed by the sha256 of the bytes it republished: if the same bytes fail again,
-:func:`dead_letter` carries over their replay count and history. Replay,
-in-place record updates and purge hold the exclusive lock ``dlq/.lock``, so two
-concurrent replays of one entry never both deliver it.
+This module is the store only. Replay (:mod:`busd.routing.replay`) routes: it
+validates the bytes again and, when they pass, hands them back to the bus, then
+calls :func:`retire_replayed`, which moves the record to
+``dlq/replayed/<sha256>.json``, keyed by the sha256 of the bytes republished: if
+the same bytes fail again, :func:`dead_letter` carries over their replay count and
+history. Replay, in-place record updates (:func:`note_replay_failed`) and purge
+hold the exclusive lock ``dlq/.lock`` (:func:`locked`), so two concurrent replays
+of one entry never both deliver it. Records are replaced with
+:func:`~busd.store.fsio.replace_durable`.
 """
 
 from __future__ import annotations
@@ -36,39 +39,41 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
-import portalocker
 
-from busd.config import Config
-from busd.core import codec
-from busd.core.model import check_agent_name
-from busd.errors import InvalidMessage, LockTimeout, NotFound, Reason, StorageError
-from busd.store.fsio import fsync_dir, read_limited, rename_noreplace, tmp_name, write_durable
+from busd.errors import InvalidMessage, NotFound, Reason, StorageError
+from busd.store.fsio import (
+    file_lock,
+    fsync_dir,
+    list_names,
+    read_limited,
+    rename_noreplace,
+    replace_durable,
+    write_durable,
+)
 from busd.store.layout import Layout, ensure_dir
-from busd.store.mailbox import arrival_clock, deliver, publish_bytes
+from busd.store.mailbox import arrival_clock
 
 __all__ = [
     "RECORD_SUFFIX",
     "DlqEntry",
     "HistoryEvent",
     "ReasonRecord",
-    "ReplayResult",
     "dead_letter",
     "list_entries",
     "load",
+    "locked",
+    "note_replay_failed",
     "purge",
-    "replay",
+    "retire_replayed",
 ]
 
 RECORD_SUFFIX = ".reason.json"
 _MAX_NAME = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LOCK_TIMEOUT_S = 10.0
-# Entries of these reasons were accepted (journaled and deduplicated) before they
-# failed: sending them through the outbox again would be dropped as duplicates.
-_ACCEPTED_REASONS = frozenset({Reason.DELIVERY_LIMIT.value, Reason.REJECTED.value})
 # An orphan data file (crash between data and record) is purged only when this old,
 # so an in-progress dead_letter is never raced.
 _ORPHAN_MIN_AGE_S = 3600.0
@@ -112,17 +117,6 @@ class DlqEntry:
     def data(self) -> bytes:
         """The original bytes (never follows a symlink; ``not_a_regular_file`` raises)."""
         return read_limited(self.path, max(self.record.size, 0))
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayResult:
-    """What :func:`replay` did; ``target`` is the file written (or, dry run, its directory)."""
-
-    name: str
-    status: Literal["replayed", "still_invalid", "would_replay"]
-    target: Path | None = None
-    message_id: str | None = None
-    detail: str = ""
 
 
 _HASH_MAX_BYTES = 64 << 20  # above the largest message limit anyone sets; bigger is not read
@@ -201,17 +195,6 @@ def _place(layout: Layout, base: str, source: Path | None, data: bytes | None) -
             return name
 
 
-def _write_replacing(directory: Path, name: str, data: bytes, tmp_dir: Path) -> None:
-    """Atomically and durably replace ``directory/name`` (records only, never data)."""
-    tmp = write_durable(tmp_dir, tmp_name(), data, tmp_dir=tmp_dir)
-    try:
-        os.replace(tmp, directory / name)
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fsync_dir(directory)
-
-
 _ENTRY_NAME = re.compile(r"[0-9]{20}-[A-Za-z0-9._-]{1,200}")
 _RECORD_MAX_BYTES = 64 * 1024  # a reason record is small; never load a planted giant
 
@@ -278,7 +261,7 @@ def dead_letter(
         size, sha = len(data), hashlib.sha256(data).hexdigest()
     now = _now()
     event = HistoryEvent(now, "failed", f"{reason.value}: {detail}")
-    previous = _load_record(layout.dlq / "replayed" / f"{sha}.json") if sha else None
+    previous = _load_record(layout.dlq_replayed / f"{sha}.json") if sha else None
     record = ReasonRecord(
         reason=reason.value,
         detail=detail,
@@ -303,10 +286,7 @@ def list_entries(
     layout: Layout, *, reason: Reason | str | None = None, agent: str | None = None
 ) -> list[DlqEntry]:
     """Entries with a record, by name (arrival order); filter by reason and sender/recipient."""
-    try:
-        names = sorted(n for n in os.listdir(layout.dlq) if n.endswith(RECORD_SUFFIX))
-    except FileNotFoundError:
-        return []
+    names = [n for n in list_names(layout.dlq) if n.endswith(RECORD_SUFFIX)]
     out: list[DlqEntry] = []
     for record_name in names:
         name = record_name[: -len(RECORD_SUFFIX)]
@@ -332,18 +312,10 @@ def load(layout: Layout, name: str) -> DlqEntry:
 
 
 @contextmanager
-def _locked(layout: Layout) -> Iterator[None]:
-    lock = portalocker.Lock(
-        layout.dlq / ".lock", mode="a", timeout=_LOCK_TIMEOUT_S, check_interval=0.01
-    )
-    try:
-        lock.acquire()
-    except portalocker.exceptions.LockException as exc:
-        raise LockTimeout(f"DLQ lock busy for {_LOCK_TIMEOUT_S:g} s") from exc
-    try:
+def locked(layout: Layout) -> Iterator[None]:
+    """Hold ``dlq/.lock`` (replay, record updates, purge); :class:`LockTimeout` after 10 s."""
+    with file_lock(layout.dlq_lock, timeout=_LOCK_TIMEOUT_S, what="the DLQ"):
         yield
-    finally:
-        lock.release()
 
 
 def _remove(path: Path) -> None:
@@ -356,82 +328,33 @@ def _remove(path: Path) -> None:
         pass
 
 
-def replay(
-    config: Config,
-    name: str,
-    *,
-    to: str | None = None,
-    data: bytes | None = None,
-    dry_run: bool = False,
-) -> ReplayResult:
-    """Validate an entry again (or its corrected ``data``) and hand it back to the bus.
+def note_replay_failed(layout: Layout, entry: DlqEntry, why: str, detail: str) -> ReasonRecord:
+    """Record a failed replay of ``entry`` in place: ``replays`` + 1, ``detail``, history.
 
-    * Still invalid: the record is updated in place (``replays`` + 1, detail,
-      ``last_failure_at``, history) unless ``dry_run``; nothing moves.
-    * Valid, reason ``delivery_limit`` / ``rejected``: delivered straight into
-      ``inbox/<to or recipient>/`` with delivery count 0 and fsynced (it was
-      accepted before, so the outbox would drop it as a duplicate).
-    * Valid, any other reason: written to ``outbox/<sender or agent_id>/`` for
-      the router; with ``to`` it is re-encoded addressed to ``to`` only.
-
-    After a replay the record moves to ``dlq/replayed/`` and the data is
-    removed, so replaying the same name again raises :class:`NotFound`. A crash
-    after the hand-over but before the record moved can replay it twice
-    (at-least-once); consumers' idempotency keys absorb that.
+    The caller holds :func:`locked`. Returns the new record.
     """
-    layout = config.layout
-    limit = config.max_message_bytes
-    with _locked(layout):
-        entry = load(layout, name)
-        record = entry.record
-        try:
-            raw = data if data is not None else read_limited(entry.path, limit)
-            msg = codec.decode(raw, max_bytes=limit)
-        except InvalidMessage as exc:
-            why = f"{exc.reason.value}: {exc.detail}"
-            if not dry_run:
-                new = _bump(record, "replay_failed", why, detail=exc.detail, last_failure_at=_now())
-                _write_replacing(layout.dlq, name + RECORD_SUFFIX, _encode(new), layout.tmp)
-            return ReplayResult(name, "still_invalid", None, None, why)
-        inbox_agent = (to or record.recipient) if record.reason in _ACCEPTED_REASONS else None
-        # A file its producer dropped straight into an inbox goes back there, under a
-        # foreign name, so the router validates and journals it in place.
-        dropped = (
-            inbox_agent is None
-            and to is None
-            and record.recipient is not None
-            and (record.original_path or "").startswith("inbox/")
-        )
-        body = raw
-        if dropped:
-            where = layout.inbox_dir(check_agent_name(record.recipient or "", "recipient"))
-        elif inbox_agent is not None:
-            where = layout.inbox_dir(check_agent_name(inbox_agent, "recipient"))
-        else:
-            where = layout.outbox_dir(check_agent_name(record.sender or msg.agent_id, "sender"))
-            if to is not None:
-                check_agent_name(to.removeprefix("topic:"), "recipient")
-                msg = msgspec.structs.replace(msg, to=to)
-                body = codec.encode_json(msg)
-        if dry_run:
-            return ReplayResult(name, "would_replay", where, msg.message_id)
-        if dropped:
-            foreign = f"replay-{hashlib.sha256(body).hexdigest()[:16]}.json"
-            target = write_durable(where, foreign, body, tmp_dir=layout.tmp)
-        elif inbox_agent is not None:
-            target = deliver(layout, inbox_agent, body, msg.message_id, deliveries=0, fsync=True)
-        else:
-            target = publish_bytes(layout, where.name, body, msg.message_id, fsync=True)
-        sha = hashlib.sha256(body).hexdigest()
-        done = _bump(record, "replayed", target.relative_to(layout.root).as_posix())
-        replayed_dir = layout.dlq / "replayed"
-        ensure_dir(replayed_dir)
-        _write_replacing(replayed_dir, f"{sha}.json", _encode(done), layout.tmp)
-        # Record first: from here on the entry is gone for every reader.
-        os.unlink(_record_path(layout, name))
-        _remove(entry.path)
-        fsync_dir(layout.dlq)
-        return ReplayResult(name, "replayed", target, msg.message_id)
+    now = _now()
+    new = _bump(entry.record, "replay_failed", why, detail=detail, last_failure_at=now)
+    replace_durable(_record_path(layout, entry.name), _encode(new), tmp_dir=layout.tmp)
+    return new
+
+
+def retire_replayed(layout: Layout, entry: DlqEntry, body: bytes, target: Path) -> None:
+    """Finish the replay of ``entry`` whose ``body`` was handed back to the bus as ``target``.
+
+    The caller holds :func:`locked`. The record (``replays`` + 1, a ``replayed`` event
+    naming ``target``) moves to ``dlq/replayed/<sha256 of body>.json``; then the entry's
+    record is removed first (from here on the entry is gone for every reader), then its
+    data.
+    """
+    sha = hashlib.sha256(body).hexdigest()
+    note = target.relative_to(layout.root).as_posix()
+    done = _bump(entry.record, "replayed", note)
+    ensure_dir(layout.dlq_replayed)
+    replace_durable(layout.dlq_replayed / f"{sha}.json", _encode(done), tmp_dir=layout.tmp)
+    os.unlink(_record_path(layout, entry.name))
+    _remove(entry.path)
+    fsync_dir(layout.dlq)
 
 
 def _bump(record: ReasonRecord, event: str, note: str, **changes: Any) -> ReasonRecord:
@@ -463,7 +386,7 @@ def purge(
     """
     now = time.time() if now is None else now
     purged: list[str] = []
-    with _locked(layout):
+    with locked(layout):
         for entry in list_entries(layout):
             rpath = _record_path(layout, entry.name)
             with suppress(FileNotFoundError):
@@ -475,14 +398,14 @@ def purge(
                         on_purged(entry.name)
         # Data without a record is a crash between the two writes; only old ones go, so
         # an in-progress dead_letter is never raced. ctime: the rename into the DLQ sets it.
-        names = set(os.listdir(layout.dlq))
+        names = set(list_names(layout.dlq))
         leftovers = [
             (layout.dlq / n, max(older_than_s, _ORPHAN_MIN_AGE_S))
             for n in names
             if n[:1].isdigit() and not n.endswith(RECORD_SUFFIX) and n + RECORD_SUFFIX not in names
         ]
-        if (layout.dlq / "replayed").is_dir():
-            leftovers += [(p, older_than_s) for p in (layout.dlq / "replayed").iterdir()]
+        replayed = layout.dlq_replayed
+        leftovers += [(replayed / n, older_than_s) for n in list_names(replayed)]
         for path, age in leftovers:
             with suppress(FileNotFoundError):
                 if now - os.lstat(path).st_ctime > age:

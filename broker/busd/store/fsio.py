@@ -1,4 +1,4 @@
-"""Durable file primitives: publish without replacing, fsync, bounded reads.
+"""Durable file primitives: the one copy of each, for every module of the store.
 
 Everything here is synchronous and may block on the disk: async callers run it
 in worker threads. Contracts:
@@ -6,12 +6,23 @@ in worker threads. Contracts:
 * :func:`write_durable` returns only after the file's bytes and its directory
   entry are on disk (unless ``fsync=False``), and never replaces an existing
   file: a name clash raises ``FileExistsError`` and leaves both files intact.
+* :func:`replace_durable` replaces a file atomically (readers see the old bytes
+  or the new, never a mix) and returns once both the bytes and the new directory
+  entry are on disk; no temporary file is left behind in any failure.
+* :func:`file_lock` is THE lock of every lock file of a bus (protocol.md 6.3, 9):
+  ``flock(2)`` on the whole file on POSIX, a byte-range lock on Windows, given up
+  with :class:`LockTimeout` after ``timeout``. The lock dies with its process.
 * :func:`read_limited` never follows a symlink, never opens anything but a
   regular file without blocking (FIFOs), and never reads more than the limit.
+* :func:`list_names` lists the visible names of a directory (not starting with
+  ``.``: in-progress writes by convention), sorted; a missing directory is empty.
+* Disk full, read-only, quota and permission failures (:data:`STORAGE_ERRNOS`)
+  become :class:`StorageError` through :func:`storage_error`, everywhere alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -20,23 +31,39 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-from busd.errors import InvalidMessage, Reason, StorageError
+import portalocker
+
+from busd.errors import InvalidMessage, LockTimeout, Reason, StorageError
 
 __all__ = [
+    "STORAGE_ERRNOS",
+    "file_lock",
     "fsync_dir",
     "fsync_file",
+    "list_names",
     "mark_top_dir",
     "read_limited",
     "rename_noreplace",
+    "replace_durable",
+    "storage_error",
     "syncfs",
     "tmp_name",
     "write_durable",
 ]
 
 _IS_WINDOWS = sys.platform == "win32"
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM})
+STORAGE_ERRNOS: frozenset[int] = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EROFS", "EDQUOT", "EACCES", "EPERM")
+    if hasattr(errno, name)  # EDQUOT is missing on some platforms
+)
+"""The errnos that mean "the filesystem refuses this write": disk full, read-only,
+quota, permissions. They become :class:`StorageError`; any other ``OSError`` is a bug
+or a race and propagates as it is."""
 _counter = itertools.count()
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -237,12 +264,132 @@ def write_durable(
         _unlink_quietly(tmp)
         if isinstance(exc, FileExistsError):
             raise
-        if exc.errno in _STORAGE_ERRNOS:
-            raise StorageError(
-                f"cannot write {target}: {exc.strerror}", path=str(target), errno=exc.errno
-            ) from exc
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path=target) from exc
         raise
     return target
+
+
+def replace_durable(
+    path: Path,
+    data: bytes,
+    *,
+    tmp_dir: Path | None = None,
+    mode: int = 0o600,
+    fsync: bool = True,
+) -> None:
+    """Atomically replace (or create) ``path`` with ``data``, durably.
+
+    Steps: write a temporary file (in ``tmp_dir``, else hidden beside ``path``:
+    ``tmp_dir`` must be on the same filesystem), fsync it, ``os.replace`` it over
+    ``path``, fsync ``path``'s directory. ``fsync=False`` skips both fsyncs (for a
+    bus configured without fsync); the replace stays atomic. Storage failures raise
+    :class:`StorageError`; the temporary file never survives a failure.
+    """
+    directory = path.parent
+    tmp = (tmp_dir / tmp_name()) if tmp_dir is not None else directory / f".{tmp_name()}"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = os.open(tmp, flags, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if fsync:
+            fsync_dir(directory)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path=path) from exc
+        raise
+
+
+def storage_error(exc: OSError, *, path: Path | str | None = None) -> StorageError:
+    """The :class:`StorageError` for ``exc`` (whose errno should be in :data:`STORAGE_ERRNOS`).
+
+    The message names ``path`` (else the exception's file name, else the bus) and the
+    OS reason; the context carries ``path`` and ``errno`` for scripts.
+    """
+    where = path if path is not None else exc.filename
+    why = exc.strerror or str(exc)
+    if where is None:
+        return StorageError(f"the bus cannot be written: {why}", errno=exc.errno)
+    return StorageError(f"cannot write {where}: {why}", path=str(where), errno=exc.errno)
+
+
+def list_names(directory: Path) -> list[str]:
+    """The visible names in ``directory``, sorted; a missing directory (or a file) is empty.
+
+    Names starting with ``.`` are in-progress writes or lock files by convention and
+    never listed. Sorted because every caller in the store needs an order (segments,
+    entries by arrival); callers that only need min/max of a huge inbox should not
+    use this.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if not n.startswith("."))
+
+
+_LOCK_POLL_FIRST_S = 0.0005
+_LOCK_POLL_MAX_S = 0.01
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: Path, *, timeout: float, shared: bool = False, what: str = "lock file"
+) -> Iterator[BinaryIO]:
+    """Hold an OS lock on ``path`` (created if missing) for the ``with`` block.
+
+    Exclusive unless ``shared``. Polls (0.5 ms, doubling to 10 ms) until ``timeout``
+    seconds have passed, then raises :class:`LockTimeout` naming ``what`` and the path;
+    ``timeout=0`` tries once. Yields the open file (read/write, binary) so a holder may
+    write information into it (the bus lock does). The lock is taken on a fresh open
+    file each time, so it is never shared with a forked child or another thread, and
+    it dies with its process. The file mode is the umask's default (protocol.md 2).
+    """
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0")
+    fh = _open_lock_file(path)
+    try:
+        flags = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
+        flags |= portalocker.LockFlags.NON_BLOCKING
+        deadline = time.monotonic() + timeout
+        delay = _LOCK_POLL_FIRST_S
+        while True:
+            try:
+                portalocker.lock(fh, flags)
+                break
+            except portalocker.exceptions.LockException:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    msg = f"could not lock {what} {path} within {timeout:g} s"
+                    raise LockTimeout(msg, path=str(path), timeout=timeout) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, _LOCK_POLL_MAX_S)
+        try:
+            yield fh
+        finally:
+            portalocker.unlock(fh)
+    finally:
+        fh.close()
+
+
+def _open_lock_file(path: Path) -> BinaryIO:
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path=path) from exc
+        raise
+    return os.fdopen(fd, "r+b", buffering=0)
 
 
 def _unlink_quietly(path: Path) -> None:

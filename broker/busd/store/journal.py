@@ -18,7 +18,6 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import threading
@@ -30,9 +29,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self, TypeAlias
 
 import msgspec
-import portalocker
 
-from busd.errors import InvalidMessage, LockTimeout, NotFound, Reason, StorageError
+from busd.errors import InvalidMessage, NotFound, Reason
+from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, list_names, storage_error
+from busd.store.layout import JOURNAL_LOCK_NAME
 
 __all__ = ["START", "Journal", "JournalEntry", "Position", "decode_entry", "encode_entry"]
 
@@ -45,7 +45,6 @@ else:
 _SEGMENT_RE: Final = re.compile(r"([0-9]{12})\.ndjson")
 _READ_CHUNK: Final = 1 << 20
 _TAIL_BLOCK: Final = 1 << 16
-_STORAGE_ERRNOS: Final = {getattr(errno, n, -1) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES")}
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
 
@@ -127,14 +126,6 @@ def _complete_end(fd: int, size: int) -> int:
     return 0
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        portalocker.lock(fd, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
-    except portalocker.LockException:
-        return False
-    return True
-
-
 class Journal:
     """The journal in ``directory`` (the ``journal/`` folder of a bus root).
 
@@ -154,13 +145,12 @@ class Journal:
         if segment_bytes <= 0 or lock_timeout < 0:
             raise ValueError("segment_bytes must be > 0 and lock_timeout >= 0")
         self.directory = Path(directory)
-        self.lock_path = self.directory / ".lock"
+        self.lock_path = self.directory / JOURNAL_LOCK_NAME
         self.segment_bytes, self.lock_timeout, self.fsync = segment_bytes, lock_timeout, fsync
         self.skipped = 0
         """Undecodable lines (and torn tails of finished segments) readers passed over."""
         self._mutex, self._stats = threading.Lock(), threading.Lock()
         self._pid = os.getpid()
-        self._lock_fd: int | None = None
         self._seg_fd: int | None = None
         self._seg_index = 0
 
@@ -168,10 +158,7 @@ class Journal:
         return self.directory / f"{index:012d}.ndjson"
 
     def _indexes(self) -> list[int]:
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
+        names = list_names(self.directory)
         return sorted(int(m.group(1)) for n in names if (m := _SEGMENT_RE.fullmatch(n)))
 
     def segments(self) -> list[Path]:
@@ -187,60 +174,41 @@ class Journal:
         return total
 
     def _sync_dir(self, path: Path) -> None:
-        if self.fsync and os.name != "nt":
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self.fsync:
+            fsync_dir(path)
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
         """Hold the thread and file locks; map storage failures to :class:`StorageError`."""
         with self._mutex, self._storage_errors():
             if self._pid != os.getpid():
-                # Inherited descriptors share the parent's lock and offsets: start afresh.
+                # An inherited segment descriptor shares the parent's offset: start afresh.
                 self._close_fds()
                 self._pid = os.getpid()
-            if self._lock_fd is None:
-                if not self.directory.is_dir():
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    self._sync_dir(self.directory.parent)
-                self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            fd, delay = self._lock_fd, 0.0005
-            deadline = time.monotonic() + self.lock_timeout
-            while not _try_lock(fd):
-                if (remaining := deadline - time.monotonic()) <= 0:
-                    msg = f"could not lock {self.lock_path} within {self.lock_timeout} s"
-                    raise LockTimeout(msg, path=str(self.lock_path), timeout=self.lock_timeout)
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 0.01)
-            try:
+            if not self.directory.is_dir():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._sync_dir(self.directory.parent)
+            with file_lock(self.lock_path, timeout=self.lock_timeout, what="the journal"):
                 yield
-            finally:
-                portalocker.unlock(fd)
 
     @contextlib.contextmanager
     def _storage_errors(self) -> Iterator[None]:
         try:
             yield
         except OSError as exc:
-            self._close_fds(keep_lock=True)  # reopen (and re-check the segment) next time
-            if exc.errno not in _STORAGE_ERRNOS:
+            self._close_fds()  # reopen (and re-check the segment) next time
+            if exc.errno not in STORAGE_ERRNOS:
                 raise
-            path = str(exc.filename or self.directory)
-            raise StorageError(f"cannot write {path}: {exc.strerror}", path=path) from exc
+            raise storage_error(exc, path=exc.filename or self.directory) from exc
 
-    def _close_fds(self, *, keep_lock: bool = False) -> None:
-        for fd in (self._seg_fd, None if keep_lock else self._lock_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+    def _close_fds(self) -> None:
+        if self._seg_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._seg_fd)
         self._seg_fd = None
-        self._lock_fd = self._lock_fd if keep_lock else None
 
     def _open_segment(self, index: int, *, new: bool) -> int:
-        self._close_fds(keep_lock=True)
+        self._close_fds()
         flags = os.O_RDWR | os.O_APPEND | _O_BINARY | (os.O_CREAT | os.O_EXCL if new else 0)
         self._seg_fd, self._seg_index = os.open(self._path(index), flags, 0o644), index
         if new:

@@ -2,9 +2,12 @@
 
 One JSON object per line: ``{"message_id", "idempotency_key", "acked_at"}``.
 Appends are one write + one fsync under an exclusive lock on
-``processed/.<agent>.lock``; readers take no lock and never consume a last line
-without its newline. Compaction rewrites the file without the records older
-than the dedupe window, atomically (tmp + fsync + replace) under the same lock.
+``processed/.<agent>.lock`` (:func:`~busd.store.fsio.file_lock`, given up after
+10 s with :class:`LockTimeout`); readers take no lock and never consume a last
+line without its newline. Compaction rewrites the file without the records older
+than the dedupe window, atomically and durably
+(:func:`~busd.store.fsio.replace_durable`) under the same lock. Disk-full,
+read-only and permission failures raise :class:`StorageError`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
-import portalocker
 
-from busd.errors import LockTimeout
-from busd.store.fsio import fsync_dir, tmp_name
+from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, replace_durable, storage_error
+from busd.store.layout import ledger_lock_path
 
 __all__ = ["LedgerRecord", "ProcessedLedger", "rfc3339"]
 
@@ -52,7 +54,7 @@ class ProcessedLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lock_path = path.parent / f".{path.stem}.lock"
+        self.lock_path = ledger_lock_path(path)
         self._keys: set[str] = set()
         self._offset = 0
         self._ino: int | None = None
@@ -105,20 +107,12 @@ class ProcessedLedger:
             return
         payload = b"".join(msgspec.json.encode(r) + b"\n" for r in recs)
         with self._locked():
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    # A writer died mid-line: end that line so ours is not glued to it.
-                    payload = b"\n" + payload
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if size == 0:
-                fsync_dir(self.path.parent)
+                self._append(payload)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:
+                    raise storage_error(exc, path=self.path) from exc
+                raise
         with self._mutex:
             for r in recs:
                 self._add(r)
@@ -128,22 +122,27 @@ class ProcessedLedger:
         if rec.idempotency_key is not None:
             self._keys.add(rec.idempotency_key)
 
+    def _append(self, payload: bytes) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A writer died mid-line: end that line so ours is not glued to it.
+                payload = b"\n" + payload
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size == 0:
+            fsync_dir(self.path.parent)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        lock = portalocker.Lock(
-            self.lock_path, mode="a", timeout=_LOCK_TIMEOUT_S, check_interval=0.005
-        )
-        try:
-            lock.acquire()
-        except portalocker.exceptions.LockException as exc:
-            raise LockTimeout(
-                f"ledger {self.path.name} locked for {_LOCK_TIMEOUT_S:g} s",
-                lock=str(self.lock_path),
-            ) from exc
-        try:
+        # The module constant is read at call time, so tests may shorten it.
+        with file_lock(self.lock_path, timeout=_LOCK_TIMEOUT_S, what=f"ledger {self.path.name}"):
             yield
-        finally:
-            lock.release()
 
     def compact(self, older_than_s: float, *, now: float | None = None) -> int:
         """Drop records acked more than ``older_than_s`` ago; return how many were dropped.
@@ -174,13 +173,8 @@ class ProcessedLedger:
                     kept.append(line + b"\n")
             if not dropped:
                 return 0
-            tmp = self.path.parent / f".{tmp_name()}"
-            with open(tmp, "wb") as f:
-                f.write(b"".join(kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            # The tmp file is hidden beside the ledger: the ledger knows no tmp/ directory.
+            replace_durable(self.path, b"".join(kept))
         with self._mutex:
             self._keys.clear()
             self._offset, self._ino = 0, None

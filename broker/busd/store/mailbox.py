@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from busd.config import Config
 from busd.core.codec import encode_json
 from busd.core.ids import ArrivalClock
 from busd.core.model import Message, check_agent_name
@@ -67,19 +66,15 @@ def publish_bytes(
 
 
 def publish(
-    config: Config, message: Message, *, sender: str | None = None, fsync: bool | None = None
+    layout: Layout, message: Message, *, sender: str | None = None, fsync: bool = True
 ) -> Path:
     """Publish ``message`` into the outbox of ``sender`` (default: its ``agent_id``).
 
-    ``fsync`` defaults to the config's ``fsync`` setting; pass False for the
-    seed's "optional fsync" on messages that may be lost in a power cut.
+    ``fsync`` is the caller's (the bus's ``fsync`` setting, usually); False is the
+    seed's "optional fsync" for messages that may be lost in a power cut.
     """
     return publish_bytes(
-        config.layout,
-        sender or message.agent_id,
-        encode_json(message),
-        message.message_id,
-        fsync=config.fsync if fsync is None else fsync,
+        layout, sender or message.agent_id, encode_json(message), message.message_id, fsync=fsync
     )
 
 
