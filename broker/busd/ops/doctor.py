@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 from busd.config import Config, endpoints
-from busd.ops.host import inotify_budget
+from busd.ops.findings import Finding, Status, fixed, shown
+from busd.ops.host import check_disk, check_filesystem, check_inotify, flock_holders, pid_alive
 from busd.routing.consumer import return_expired
 from busd.routing.retention import TMP_MAX_AGE_S
 from busd.store.buslock import BusLock
@@ -39,92 +37,11 @@ __all__ = [
     "CLAIM_EXPIRED_LONG_AGO_S",
     "Finding",
     "diagnose",
-    "flock_holders",
-    "pid_alive",
 ]
-
-Status = Literal["ok", "warn", "error"]
 
 CLAIM_EXPIRED_LONG_AGO_S = 300.0
 """A claim whose lease ran out this long ago should have been returned by a sweep."""
-_DISK_MIN_FREE_BYTES = 1 << 30
-_DISK_MIN_FREE_RATIO = 0.05
 _SUBDIRS = ("tmp", "outbox", "inbox", "locks", "processed", "dlq", "journal")
-# Filesystems where inotify misses changes (made on other machines, or by a FUSE
-# daemon): busd then only sees files at its periodic rescan.
-_REMOTE_FS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb", "smb3", "smbfs", "ncpfs", "afs", "9p", "fuse", "fuseblk"}
-)
-_SHOWN = 5
-
-
-@dataclass(slots=True)
-class Finding:
-    """The outcome of one check."""
-
-    check: str
-    status: Status
-    detail: str
-    fixed: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON shape: ``{check, status, detail, fixed}``."""
-        return {
-            "check": self.check,
-            "status": self.status,
-            "detail": self.detail,
-            "fixed": self.fixed,
-        }
-
-
-def _fixed(finding: Finding, how: str) -> Finding:
-    finding.fixed = True
-    finding.detail = f"{finding.detail}; fixed: {how}"
-    return finding
-
-
-def _shown(items: list[str]) -> str:
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return ", ".join(items[:_SHOWN]) + more
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (ours or another user's)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def flock_holders(path: Path) -> list[int] | None:
-    """Pids holding a ``flock`` on ``path`` (from ``/proc/locks``); None if unknown.
-
-    Looking costs nothing and, unlike trying the lock, cannot make a starting
-    daemon believe another one runs.
-    """
-    try:
-        st = os.stat(path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    pids: list[int] = []
-    for line in lines:
-        parts = line.split()
-        if "->" in parts:  # a waiter, not a holder
-            continue
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == wanted:
-            try:
-                pids.append(int(parts[4]))
-            except ValueError:
-                continue
-    return pids
 
 
 # -- checks ------------------------------------------------------------------
@@ -137,7 +54,7 @@ def _layout(config: Config, fix: bool) -> Finding:
         f = Finding("layout", "error", f"{root} lacks {', '.join(missing)}/")
         if fix:
             init_bus(root)
-            return _fixed(f, "created them (busd init)")
+            return fixed(f, "created them (busd init)")
         return f
     root_dev = os.stat(root).st_dev
     other = [d for d in _SUBDIRS if os.stat(root / d).st_dev != root_dev]
@@ -187,7 +104,7 @@ def _root_permissions(config: Config, fix: bool) -> Finding:
     f = Finding("root_permissions", "warn", f"{problem}: other users can reach the bus")
     if fix:
         os.chmod(root, 0o700)
-        return _fixed(f, "chmod 0700")
+        return fixed(f, "chmod 0700")
     return f
 
 
@@ -220,7 +137,7 @@ def _directory_permissions(config: Config, fix: bool) -> Finding:
         return Finding(
             "directory_permissions",
             "error",
-            f"{_shown(foreign)}: busd cannot manage them; chown them to the bus owner",
+            f"{shown(foreign)}: busd cannot manage them; chown them to the bus owner",
         )
     if not wide:
         return Finding(
@@ -230,13 +147,13 @@ def _directory_permissions(config: Config, fix: bool) -> Finding:
     f = Finding(
         "directory_permissions",
         "warn",
-        f"{len(wide)} directories wider than 0700: {_shown(names)} "
+        f"{len(wide)} directories wider than 0700: {shown(names)} "
         "(a producer without umask 077 made them)",
     )
     if fix:
         for path in wide:
             os.chmod(path, 0o700)
-        return _fixed(f, f"chmod 0700 on {len(wide)}")
+        return fixed(f, f"chmod 0700 on {len(wide)}")
     return f
 
 
@@ -316,7 +233,7 @@ def _socket(config: Config, fix: bool) -> Finding:
             except FileNotFoundError:
                 pass
         if removed:
-            return _fixed(f, f"removed {', '.join(dict.fromkeys(removed))}")
+            return fixed(f, f"removed {', '.join(dict.fromkeys(removed))}")
     return f
 
 
@@ -338,7 +255,7 @@ def _lock(config: Config, fix: bool) -> Finding:
     pid = holder.get("pid") if holder else None
     role = holder.get("role") if holder else None
     if holders:
-        return Finding("lock", "ok", f"held by pid {_shown([str(p) for p in holders])} ({role})")
+        return Finding("lock", "ok", f"held by pid {shown([str(p) for p in holders])} ({role})")
     if holder is None or not isinstance(pid, int):
         f = Finding("lock", "warn", "busd.lock content is unreadable")
     elif holders is None and pid_alive(pid):
@@ -357,7 +274,7 @@ def _lock(config: Config, fix: bool) -> Finding:
     if fix and lock.acquire(timeout=0):
         # What any CLI routing pass does: the content now names a short-lived cli holder.
         lock.release()
-        return _fixed(f, "rewrote busd.lock by taking and releasing the lock")
+        return fixed(f, "rewrote busd.lock by taking and releasing the lock")
     return f
 
 
@@ -383,7 +300,7 @@ def _claims(config: Config, fix: bool) -> Finding:
     if not old:
         return Finding("expired_claims", "ok", "no claim expired long ago")
     total = sum(old.values())
-    who = _shown([f"{a} ({n})" for a, n in old.items()])
+    who = shown([f"{a} ({n})" for a, n in old.items()])
     f = Finding(
         "expired_claims",
         "warn",
@@ -393,7 +310,7 @@ def _claims(config: Config, fix: bool) -> Finding:
     )
     if fix:
         report = return_expired(config)
-        return _fixed(
+        return fixed(
             f,
             f"returned {len(report.returned)} to their inboxes, "
             f"dead-lettered {len(report.dead_lettered)} (delivery limit)",
@@ -422,7 +339,7 @@ def _tmp(config: Config, fix: bool) -> Finding:
         "tmp_files",
         "warn",
         f"{len(old)} files in tmp/ older than a day (writes abandoned by killed producers): "
-        f"{_shown(sorted(old))}",
+        f"{shown(sorted(old))}",
     )
     if fix:
         removed = 0
@@ -432,113 +349,8 @@ def _tmp(config: Config, fix: bool) -> Finding:
                 removed += 1
             except FileNotFoundError:
                 continue
-        return _fixed(f, f"removed {removed}")
+        return fixed(f, f"removed {removed}")
     return f
-
-
-def _inotify(config: Config, fix: bool) -> Finding:
-    if config.force_polling:
-        return Finding("inotify", "ok", "force_polling = true: the daemon polls, no watches used")
-    budget = inotify_budget(config.layout)
-    limits = budget.limits
-    if limits.max_instances is not None and limits.max_instances < 1:
-        return Finding(
-            "inotify",
-            "error",
-            "no inotify instance may be created (max_user_instances is 0): the daemon polls. "
-            "Raise it: sysctl fs.inotify.max_user_instances=128",
-        )
-    if limits.max_watches is None:
-        return Finding("inotify", "ok", "no inotify limit to check on this system")
-    # The smaller of max_user_watches and the user namespace's max_inotify_watches.
-    needed, limit = budget.needed_watches, limits.max_watches
-    detail = f"the daemon needs about {needed} watches; the limit in force is {limit}"
-    if not budget.native:
-        return Finding(
-            "inotify",
-            "error",
-            f"{detail}: the daemon falls back to polling (slower, and more CPU). "
-            "Raise it: sysctl fs.inotify.max_user_watches=524288",
-        )
-    if budget.tight:
-        return Finding(
-            "inotify",
-            "warn",
-            f"{detail}, shared with every other program of this user: raise it "
-            "(sysctl fs.inotify.max_user_watches=524288)",
-        )
-    return Finding("inotify", "ok", detail)
-
-
-def _gib(n: float) -> str:
-    return f"{n / (1 << 30):.1f} GiB"
-
-
-def _disk(config: Config, fix: bool) -> Finding:
-    root = config.layout.root
-    usage = shutil.disk_usage(root)
-    ratio = usage.free / usage.total if usage.total else 1.0
-    detail = f"{_gib(usage.free)} free of {_gib(usage.total)} ({ratio:.0%})"
-    try:
-        vfs = os.statvfs(root)
-        inodes = vfs.f_favail / vfs.f_files if vfs.f_files else 1.0
-    except OSError:
-        inodes = 1.0
-    if usage.free < _DISK_MIN_FREE_BYTES or ratio < _DISK_MIN_FREE_RATIO:
-        return Finding(
-            "disk_space",
-            "warn",
-            f"{detail}: under 5% or 1 GiB. When the disk fills, producers and the journal "
-            "fail (storage_error); run `busd gc`, lower journal_max_bytes, or free space",
-        )
-    if inodes < _DISK_MIN_FREE_RATIO:
-        return Finding(
-            "disk_space",
-            "warn",
-            f"{detail}, but only {inodes:.0%} of inodes are free: each message is a file",
-        )
-    return Finding("disk_space", "ok", detail)
-
-
-def _mount_of(path: Path) -> tuple[str, str] | None:
-    """``(mount point, fstype)`` of the mount holding ``path``, from /proc/mounts."""
-    try:
-        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    real = os.path.realpath(path)
-    best: tuple[str, str] | None = None
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = parts[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, parts[2])
-    return best
-
-
-def _filesystem(config: Config, fix: bool) -> Finding:
-    mount = _mount_of(config.layout.root)
-    if mount is None:
-        return Finding("filesystem", "ok", "filesystem type unknown (no /proc/mounts)")
-    point, fstype = mount
-    base = fstype.split(".", 1)[0]
-    detail = f"{fstype} mounted at {point}"
-    if base in _REMOTE_FS or fstype in _REMOTE_FS:
-        if config.force_polling:
-            return Finding("filesystem", "ok", f"{detail}; force_polling = true already")
-        return Finding(
-            "filesystem",
-            "warn",
-            f"{detail}: a network or FUSE filesystem, where file events are not (reliably) "
-            "reported, so new files wait for the rescan every "
-            f"{config.rescan_interval_seconds:g} s. Set force_polling = true, or keep the "
-            "bus on a local disk",
-        )
-    return Finding("filesystem", "ok", detail)
 
 
 CHECKS: tuple[tuple[str, Callable[[Config, bool], Finding]], ...] = (
@@ -549,9 +361,9 @@ CHECKS: tuple[tuple[str, Callable[[Config, bool], Finding]], ...] = (
     ("lock", _lock),
     ("expired_claims", _claims),
     ("tmp_files", _tmp),
-    ("inotify", _inotify),
-    ("disk_space", _disk),
-    ("filesystem", _filesystem),
+    ("inotify", check_inotify),
+    ("disk_space", check_disk),
+    ("filesystem", check_filesystem),
 )
 """Every check, in the order :func:`diagnose` runs them."""
 
