@@ -30,4 +30,4 @@ def test_importing_busd_loads_no_layer() -> None:
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_thing"):
-        _ = busd.no_such_thing  # type: ignore[attr-defined]
+        _ = busd.no_such_thing
