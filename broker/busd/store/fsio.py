@@ -248,15 +248,7 @@ def write_durable(
     tmp = tmp_dir / tmp_name()
     target = directory / name
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data, 0o600, fsync)
         rename_noreplace(tmp, target)
         if fsync:
             fsync_dir(directory)
@@ -268,6 +260,19 @@ def write_durable(
             raise storage_error(exc, path=target) from exc
         raise
     return target
+
+
+def _write_new(tmp: Path, data: bytes, mode: int, fsync: bool) -> None:
+    """Create ``tmp`` (never an existing file), write all of ``data``, fsync it if asked."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_durable(
@@ -289,16 +294,7 @@ def replace_durable(
     directory = path.parent
     tmp = (tmp_dir / tmp_name()) if tmp_dir is not None else directory / f".{tmp_name()}"
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data, mode, fsync)
         os.replace(tmp, path)
         if fsync:
             fsync_dir(directory)
