@@ -35,7 +35,10 @@ async def serve(
     (``AlreadyRunning``, ``StorageError``, a bind failure...).
     """
     daemon = Daemon(loader, on_force_exit=on_force_exit)
-    server = Server(daemon.config, Methods(daemon))
+    methods = Methods(daemon)
+    server = Server(daemon.config, methods)
+    # Memory deliveries whose lease ended open their subscribers' windows again.
+    daemon.on_returned = methods.subscribers.released
 
     async def start_services(tg: TaskGroup) -> None:
         # Bound before "ready": a bind error stops start-up with a clear message.

@@ -58,6 +58,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     lease_seconds: _Positive = 60.0
     max_deliveries: _PositiveInt = 5
     max_in_flight: _PositiveInt = 100
+    serve_grace_seconds: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     dedupe_window_seconds: _Positive = 7 * 86400.0
     # retention
     journal_segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20

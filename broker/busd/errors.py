@@ -26,6 +26,7 @@ __all__ = [
     "RemoteError",
     "RpcTimeout",
     "ShuttingDown",
+    "StaleReceipt",
     "StorageError",
     "Unroutable",
 ]
@@ -156,6 +157,25 @@ class ShuttingDown(BusdError):
 
     code = "shutting_down"
     rpc_code = -32011
+
+
+class StaleReceipt(BusdError):
+    """A receipt names a delivery that is no longer the current claim of its message.
+
+    The lease of that delivery expired and the message was handed out again (a
+    newer receipt now names it), or the delivery was released back to the queue.
+    Nothing was settled, released or extended: a stale receipt never touches the
+    newer claim. ``receipts`` (in ``context``, hence in the socket answer's
+    ``data``) lists the stale receipts of the call.
+    """
+
+    code = "stale_receipt"
+    rpc_code = -32012
+
+    @property
+    def receipts(self) -> list[str]:
+        """The stale receipts of the refused call."""
+        return [str(r) for r in self.context.get("receipts") or ()]
 
 
 class DaemonNotRunning(BusdError):

@@ -6,12 +6,12 @@
  *   const busd = require('./busd.js');
  *   await busd.send(message, { from: 'alice' });      // socket, else files
  *   const claims = await busd.fetch('bob', { max: 10, waitS: 5 });
- *   await busd.ack('bob', claims.map((c) => c.message.message_id));
+ *   await busd.ack('bob', [], { receipts: claims.map((c) => c.receipt) });
  *
  * CLI:
  *   node busd.js send --from AGENT [--root DIR] [--no-socket] [--no-sync] [FILE|-]
  *   node busd.js fetch AGENT [--max N] [--wait S] [--root DIR]
- *   node busd.js ack AGENT ID...
+ *   node busd.js ack AGENT [ID...] [--receipt R]...
  *   node busd.js ping
  *
  * The file protocol is docs/protocol.md (section 5); the socket speaks
@@ -515,8 +515,10 @@ async function send(message, opts = {}) {
 
 /**
  * Claim up to `max` messages of `agentId`, waiting up to `waitS` seconds for
- * the first. Resolves a list of { message, delivery_count, lease_expires_at }.
- * Ack each one before its lease expires, or it comes back.
+ * the first. Resolves a list of { message, delivery_count, lease_expires_at,
+ * receipt }. Ack each one (by its receipt) before its lease expires, or it
+ * comes back; the receipt of a delivery handed out again is refused with
+ * reason `stale_receipt` and never settles the newer one.
  */
 function fetch(agentId, opts = {}) {
   checkAgent(agentId);
@@ -532,20 +534,42 @@ function fetch(agentId, opts = {}) {
   });
 }
 
-/** Acknowledge claimed messages of `agentId`; resolves how many were acked. */
+/**
+ * Acknowledge claimed messages of `agentId`: `ids` are message ids (each means
+ * "its current claim"), `opts.receipts` name single deliveries. Resolves how
+ * many were acked; rejects with reason `stale_receipt` (nothing settled) when
+ * a receipt names a delivery that was handed out again.
+ */
 function ack(agentId, ids, opts = {}) {
   checkAgent(agentId);
+  const params = { agent_id: agentId, message_ids: ids || [] };
+  // Only when given: a daemon that predates receipts refuses the field.
+  if (opts.receipts && opts.receipts.length) params.receipts = opts.receipts;
   return withClient(opts, async (c) => {
-    const result = await c.call('ack', { agent_id: agentId, message_ids: ids });
+    const result = await c.call('ack', params);
     return result.acked;
   });
 }
 
-/** Put a claimed message back (after `delayS` seconds). */
+/** `{receipt}` when `opts.receipt` is given, else `{message_id: id}`. */
+function claimName(id, opts) {
+  if (opts.receipt) return { receipt: opts.receipt };
+  if (typeof id !== 'string') throw new BusdError('name a message id or a receipt', 'invalid_params');
+  return { message_id: id };
+}
+
+/** Put a claimed message back (after `delayS` seconds); `opts.receipt` names one delivery. */
 function nack(agentId, id, opts = {}) {
   checkAgent(agentId);
-  const params = { agent_id: agentId, message_id: id, delay_s: opts.delayS || 0 };
+  const params = { agent_id: agentId, ...claimName(id, opts), delay_s: opts.delayS || 0 };
   return withClient(opts, (c) => c.call('nack', params));
+}
+
+/** Move a claim's lease to `leaseS` seconds from now; resolves the new expiry (RFC 3339). */
+function extend(agentId, id, leaseS, opts = {}) {
+  checkAgent(agentId);
+  const params = { agent_id: agentId, ...claimName(id, opts), lease_s: leaseS };
+  return withClient(opts, async (c) => (await c.call('extend', params)).lease_expires_at);
 }
 
 /** The daemon's version, pid and uptime. */
@@ -558,12 +582,13 @@ function ping(opts = {}) {
 const USAGE = `usage:
   node busd.js send --from AGENT [--root DIR] [--no-socket] [--no-sync] [FILE|-]
   node busd.js fetch AGENT [--max N] [--wait SECONDS] [--root DIR]
-  node busd.js ack AGENT ID... [--root DIR]
+  node busd.js ack AGENT [ID...] [--receipt R]... [--root DIR]
   node busd.js ping [--root DIR]
 
 send prints the message_id; fetch prints one JSON object per claimed message
-({"message", "delivery_count", "lease_expires_at"}); ack prints "acked N".
-Exit codes: 0 ok, 1 other error, 64 usage, 65 invalid message,
+({"message", "delivery_count", "lease_expires_at", "receipt"}); ack prints
+"acked N" (a receipt settles that delivery; a stale one fails with exit 65).
+Exit codes: 0 ok, 1 other error, 64 usage, 65 invalid message or stale receipt,
 66 unreadable input, 69 no bus or no daemon, 74 I/O error.`;
 
 const EXIT = { usage: 64, data: 65, noinput: 66, unavailable: 69, io: 74 };
@@ -572,7 +597,7 @@ class UsageError extends Error {}
 
 function parseArgs(argv) {
   const opts = { positional: [] };
-  const valued = new Set(['--root', '--from', '--max', '--wait']);
+  const valued = new Set(['--root', '--from', '--max', '--wait', '--receipt']);
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '--') {
@@ -586,7 +611,8 @@ function parseArgs(argv) {
       if (name !== arg) value = arg.slice(eq + 1);
       else if (i + 1 < argv.length) value = argv[++i];
       else throw new UsageError(`${name} needs a value`);
-      opts[name.slice(2)] = value;
+      if (name === '--receipt') (opts.receipts = opts.receipts || []).push(value);
+      else opts[name.slice(2)] = value;
     } else if (arg === '--no-socket' || arg === '--no-sync') {
       opts[arg.slice(2)] = true;
     } else if (arg === '-h' || arg === '--help') {
@@ -615,6 +641,7 @@ function exitCodeFor(err) {
     return 1;
   }
   if (err.reason === 'invalid_name') return EXIT.usage;
+  if (err.reason === 'stale_receipt') return EXIT.data; // that delivery was handed out again
   if (['no_daemon', 'not_found', 'connection_lost'].includes(err.reason)) return EXIT.unavailable;
   const dataReasons = [
     'schema',
@@ -670,9 +697,12 @@ async function main(argv) {
     return 0;
   }
   if (command === 'ack') {
-    if (opts.positional.length < 2) throw new UsageError('ack takes AGENT and at least one ID');
+    const receipts = opts.receipts || [];
+    if (opts.positional.length < 1 || (opts.positional.length < 2 && !receipts.length)) {
+      throw new UsageError('ack takes AGENT and at least one ID or --receipt');
+    }
     const [agent, ...ids] = opts.positional;
-    const n = await ack(agent, ids, common);
+    const n = await ack(agent, ids, { ...common, receipts });
     process.stdout.write(`acked ${n}\n`);
     return 0;
   }
@@ -687,6 +717,7 @@ module.exports = {
   BusdError,
   Client,
   ack,
+  extend,
   fetch,
   findRoot,
   findSocket,

@@ -44,7 +44,7 @@ from _chaos import (
     wait_until,
 )
 
-from _rpc import Rpc
+from _rpc import Rpc, RpcFailure
 from busclient import BusError, Client
 from busd.config import load_config
 from busd.routing.consumer import Consumer
@@ -61,6 +61,9 @@ ENV = {
     "BUSD_RESCAN_INTERVAL_SECONDS": "0.5",
 }
 _CONN_ERRORS = (OSError, EOFError, TimeoutError, ValueError, AssertionError)
+# Recipients: bob fetches over the socket, carol is a daemon-less file consumer, dave a
+# socket subscriber that acks by receipt.
+_AGENTS = ("bob", "carol", "dave")
 
 
 @pytest.fixture
@@ -128,7 +131,7 @@ def _socket_publisher(
             continue
         ids = [f"{tag}-{n + i:06d}" for i in range(batch)]
         n += batch
-        msgs = [_msg(mid, "bob" if i % 2 else "carol") for i, mid in enumerate(ids)]
+        msgs = [_msg(mid, _AGENTS[(n + i) % 3]) for i, mid in enumerate(ids)]
         try:
             if batch == 1:
                 answer = conn.call("publish", {"message": msgs[0]})
@@ -161,7 +164,7 @@ def _client_producer(root: Path, stop: threading.Event, obs: Observed) -> None:
             mid = f"c-{n:06d}"
             n += 1
             try:
-                client.send(_msg(mid, "bob" if n % 2 else "carol"))
+                client.send(_msg(mid, _AGENTS[n % 3]))
             except BusError as exc:
                 with obs.lock:
                     obs.uncertain.add(mid)
@@ -184,7 +187,7 @@ def _file_producer(root: Path, stop: threading.Event, obs: Observed) -> None:
     n = 0
     while not stop.is_set():
         mid = f"f-{n:06d}"
-        to = "bob" if n % 2 else "carol"
+        to = _AGENTS[n % 3]
         data = _markdown(mid, to) if n % 5 == 0 else json.dumps(_msg(mid, to)).encode()
         n += 1
         tmp = root / "tmp" / f"chaos-{mid}"
@@ -225,6 +228,47 @@ def _socket_consumer(root: Path, stop: threading.Event, obs: Observed, agent: st
             obs.errors.append(f"ack: {answer['error']}")
         elif answer["result"]["acked"] == len(ids):
             obs.confirm_ack(agent, ids)
+    if conn is not None:
+        conn.close()
+
+
+def _subscriber(root: Path, stop: threading.Event, obs: Observed, agent: str) -> None:
+    """Subscribe, take pushes, ack each by its receipt; resubscribe after every kill."""
+    conn: Rpc | None = None
+    while not stop.is_set():
+        if conn is None:
+            conn = _connect(root)
+            if conn is None:
+                continue
+            try:
+                conn("subscribe", {"agent_id": agent, "max_in_flight": 20})
+            except (*_CONN_ERRORS, RpcFailure):
+                conn.close()
+                conn = None
+                continue
+        try:
+            pushed = conn.push(timeout=0.3)
+        except TimeoutError:
+            continue
+        except _CONN_ERRORS:
+            conn.close()
+            conn = None
+            continue
+        params = pushed.get("params") or {}
+        mid, receipt = params["message"]["message_id"], params["receipt"]
+        obs.delivered(agent, [mid], time.monotonic())
+        try:
+            answer = conn.call("ack", {"agent_id": agent, "receipts": [receipt]})
+        except _CONN_ERRORS:
+            conn.close()
+            conn = None
+            continue
+        if "error" in answer:
+            # stale after a restart (the daemon rebuilt it as ready): it comes again
+            if answer["error"]["data"].get("reason") != "stale_receipt":
+                obs.errors.append(f"ack by receipt: {answer['error']}")
+        elif answer["result"]["acked"] == 1:
+            obs.confirm_ack(agent, [mid])
     if conn is not None:
         conn.close()
 
@@ -279,6 +323,7 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
     consumers = [
         threading.Thread(target=_socket_consumer, args=(root, consume, obs, "bob")),
         threading.Thread(target=_file_consumer, args=(root, consume, obs, "carol")),
+        threading.Thread(target=_subscriber, args=(root, consume, obs, "dave")),
     ]
     crashes: list[str] = []
     killed_before_ready = 0
@@ -314,7 +359,7 @@ def test_kill_9_loop_loses_nothing(root: Path) -> None:
         def drained() -> bool:
             journaled = set(accepted_ids(root))
             seen = obs.seen()
-            pending = [files(root / s / a) for s in ("inbox", "locks") for a in ("bob", "carol")]
+            pending = [files(root / s / a) for s in ("inbox", "locks") for a in _AGENTS]
             return set(must) <= seen and journaled <= seen and not any(pending)
 
         wait_until(

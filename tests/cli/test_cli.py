@@ -16,6 +16,7 @@ import pytest
 import typer.main
 
 from busd import __version__
+from busd.cli.common import EXIT_CODES
 from busd.cli.main import app
 from busd.config import load_config
 from busd.core.codec import decode
@@ -249,9 +250,53 @@ def test_ack_then_recv_gets_nothing_even_after_the_lease(root: Path, tmp_path: P
     again = ok(busd(*recv, cwd=tmp_path, env=env))
     assert [json.loads(x)["message_id"] for x in again.splitlines()] == ["m-dropped"]
     ack_json = ("--root", str(root), "ack", "bob", "m-dropped", "m-unknown", "--json")
-    assert json.loads(ok(busd(*ack_json, cwd=tmp_path, env=env))) == {"acked": 1}
+    assert json.loads(ok(busd(*ack_json, cwd=tmp_path, env=env))) == {
+        "acked": 1,
+        "not_held": ["m-unknown"],
+    }
     assert inbox(root, "bob") == []
     assert os.listdir(root / "locks" / "bob") == []
+
+
+def test_recv_json_shows_the_receipt_and_ack_receipt_settles_it(root: Path, tmp_path: Path) -> None:
+    """recv --json adds the claim's receipt; ack --receipt settles that delivery only.
+
+    The receipt of a delivery whose lease expired and that was claimed again is
+    refused (stale_receipt, its exit status) and the newer claim is untouched.
+    """
+    env = clean_env({"BUSD_LEASE_SECONDS": "0.5"})
+    drop(root, message_dict("m-r"))
+    recv = ("--root", str(root), "recv", "bob", "--json")
+    first = json.loads(ok(busd(*recv, cwd=tmp_path, env=env)))
+    r1 = first.pop("receipt")
+    assert (
+        first
+        == json.loads(ok(busd("--root", str(root), "tail", "--json", cwd=tmp_path)))["message"]
+    )
+    assert os.listdir(root / "locks" / "bob") == [f"{r1}.json"]
+    assert re.fullmatch(r"\d{20}-001-m-r", r1)
+    time.sleep(0.6)
+    second = json.loads(ok(busd(*recv, cwd=tmp_path, env=env)))
+    r2 = second["receipt"]
+    assert re.fullmatch(r"\d{20}-002-m-r", r2)
+    stale = busd("--root", str(root), "ack", "bob", "--receipt", r1, cwd=tmp_path, env=env)
+    assert stale.returncode == EXIT_CODES.get("stale_receipt", 1) != 0
+    assert stale.stderr.startswith("busd: stale_receipt: ") and r1 in stale.stderr
+    assert os.listdir(root / "locks" / "bob") == [f"{r2}.json"]
+    assert not (root / "processed" / "bob.jsonl").exists()
+    ack = ("--root", str(root), "ack", "bob", "--receipt", r2, "--json")
+    assert json.loads(ok(busd(*ack, cwd=tmp_path, env=env))) == {"acked": 1, "not_held": []}
+    assert os.listdir(root / "locks" / "bob") == []
+    assert json.loads((root / "processed" / "bob.jsonl").read_text())["message_id"] == "m-r"
+    usage = busd("--root", str(root), "ack", "bob", cwd=tmp_path, env=env)
+    assert usage.returncode == EXIT_CODES["usage"] and "--receipt" in usage.stderr
+
+
+def test_recv_text_output_has_no_receipt(root: Path, tmp_path: Path) -> None:
+    """The Markdown output of recv is unchanged: it still decodes as the message."""
+    drop(root, message_dict("m-plain"))
+    out = ok(busd("--root", str(root), "recv", "bob", cwd=tmp_path))
+    assert "receipt" not in out and decode(out.encode().removesuffix(b"\n")).message_id == "m-plain"
 
 
 def test_tail_lists_accepted_entries(root: Path, tmp_path: Path) -> None:
@@ -324,7 +369,9 @@ def test_send_and_recv_offline_end_to_end(root: Path, tmp_path: Path) -> None:
     assert out["routed"] is True
     for agent in ("bob", "carol"):
         (line,) = ok(busd("--root", str(root), "recv", agent, "--json", cwd=tmp_path)).splitlines()
-        assert decode(line.encode()) == decode(json.dumps(sent).encode())
+        envelope = json.loads(line)
+        assert envelope.pop("receipt").endswith("-001-e2e-1")
+        assert decode(json.dumps(envelope).encode()) == decode(json.dumps(sent).encode())
     assert inbox(root, "bob") == inbox(root, "carol") == []
     (entry,) = Journal(root / "journal").read()
     assert (entry.event, entry.message_id, entry.to) == ("accepted", "e2e-1", ["bob", "carol"])

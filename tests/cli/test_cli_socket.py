@@ -27,7 +27,8 @@ def _round_trip(root: Path) -> tuple[dict[str, object], dict[str, object], bytes
         _busd(root, "send", "--from", "alice", "--json", "-", stdin=json.dumps(message(1)).encode())
     )
     got = json.loads(_busd(root, "recv", "bob", "--json"))
-    acked = _busd(root, "ack", "bob", str(got["message_id"]))
+    assert isinstance(got["receipt"], str) and got["receipt"].endswith("-001-m-000001")
+    acked = _busd(root, "ack", "bob", "--receipt", got.pop("receipt"))
     return sent, got, acked
 
 
@@ -52,6 +53,10 @@ def test_cli_uses_the_socket_when_the_daemon_runs(tmp_path: Path) -> None:
             )
         )
         assert again["duplicate"] is True
+        assert json.loads(_busd(root, "ack", "bob", "m-000001", "--json")) == {
+            "acked": 0,
+            "not_held": ["m-000001"],
+        }
     finally:
         assert d.stop() == 0
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from _rpc import Rpc
 from busd.config import Config, load_config
 from busd.core.codec import decode
 from busd.routing.consumer import Consumer
@@ -200,6 +201,39 @@ def test_status_same_shape_from_files_and_daemon(root: Path) -> None:
     assert on["dlq"]["entries"] == 1 and on["healthy"] is False
     # --check: the daemon runs but the DLQ is not empty.
     assert js(checked, 4)["attention"] == on["attention"]
+
+
+def test_status_shows_how_each_agent_is_served_and_its_oldest_unsettled(root: Path) -> None:
+    """Without a daemon every agent is served by files (there is no memory), with 0
+    connections; the oldest unsettled message is named per agent, in --json and in the
+    table's "served" and "oldest unsettled" columns."""
+    off = js(busd(root, "status", "--json"), 3)
+    bob, carol = off["agents"]["bob"], off["agents"]["carol"]
+    assert (bob["served"], bob["connections"], bob["oldest_unsettled"]) == ("files", 0, "m-1")
+    assert (carol["served"], carol["oldest_unsettled"]) == ("files", "m-3")
+    text = busd(root, "status").stdout.splitlines()
+    header = next(line for line in text if line.startswith("agent"))
+    assert header.split()[:2] == ["agent", "served"] and header.endswith("oldest unsettled")
+    bob_row = next(line for line in text if line.startswith("bob "))
+    assert bob_row.split()[1] == "files" and bob_row.split()[-1] == "m-1"
+
+
+def test_status_shows_an_agent_served_by_a_socket_subscriber(root: Path) -> None:
+    """With a daemon, an agent with a socket subscriber is `socket (1)`: served from memory;
+    what it holds in memory counts in its ready number. carol, unsubscribed, stays `files`."""
+    daemon = Daemon(root).ready()
+    try:
+        with Rpc(root / "busd.sock") as sub:
+            assert sub("subscribe", {"agent_id": "dave"}) == {"subscribed": True}
+            on = js(busd(root, "status", "--json"))
+            text = busd(root, "status").stdout.splitlines()
+    finally:
+        daemon.stop()
+    dave = on["agents"]["dave"]
+    assert (dave["served"], dave["connections"]) == ("socket", 1)
+    assert on["agents"]["carol"]["served"] == "files"
+    row = next(line for line in text if line.startswith("dave "))
+    assert "socket (1)" in row
 
 
 def test_status_check_is_0_on_a_healthy_bus(tmp_path: Path) -> None:

@@ -25,15 +25,18 @@ from busclient import (
     InvalidMessage,
     InvalidName,
     NotFound,
+    StaleReceipt,
     Unavailable,
     validate_message,
 )
+from busd import errors as busd_errors
 from busd.config import load_config
 from busd.core import ids as busd_ids
 from busd.core.codec import decode
 from busd.errors import InvalidMessage as BusdInvalid
 from busd.routing.consumer import Consumer, return_expired
 from busd.routing.offline import route_pending
+from busd.rpc.protocol import error_from_exception
 from busd.store.dlq import list_entries
 from busd.store.layout import init_bus, parse_delivery_name
 from busd.store.ledger import ProcessedLedger
@@ -95,6 +98,32 @@ def test_send_fetch_ack_round_trip_through_socket(root: Path) -> None:
         assert [x.delivery_count for x in bus.fetch("bob", wait_s=5)] == [2]
         assert sent.message_id in ProcessedLedger(root / "processed" / "bob.jsonl")
         assert bus.status()["daemon"]["running"] is True
+
+
+def test_socket_deliveries_carry_receipts_and_a_stale_one_is_refused(root: Path) -> None:
+    """Fetched and pushed deliveries carry receipts; ack settles by receipt; the receipt
+    of a delivery whose lease ran out and that was fetched again raises StaleReceipt."""
+    with running(root, BUSD_LEASE_SECONDS="0.5"), Client(root, fallback=False) as bus:
+        bus.send(message(1))
+        (old,) = bus.fetch("bob", wait_s=5)
+        assert old.via == "socket" and old.receipt is not None
+        parsed = parse_delivery_name(f"{old.receipt}.json")
+        assert parsed is not None and parsed.message_id == "m-000001"
+        (new,) = bus.fetch("bob", wait_s=5)
+        assert new.delivery_count == 2 and new.receipt not in (None, old.receipt)
+        with pytest.raises(StaleReceipt) as err:
+            old.ack()
+        assert err.value.code == -32012 and err.value.reason == "stale_receipt"
+        with pytest.raises(StaleReceipt):
+            old.extend(60)
+        assert new.extend(60) > new.lease_expires_at
+        assert new.ack() is True
+        bus.send(message(2))
+        with bus.subscribe("bob") as sub:
+            pushed = sub.next(timeout=5)
+            assert pushed is not None and pushed.receipt is not None
+            assert bus.ack("bob", ["m-000002"]) == 1  # a message id: the current claim
+        assert bus.fetch("bob") == []
 
 
 def test_invalid_publish_raises_typed_errors(root: Path) -> None:
@@ -177,6 +206,89 @@ def test_fetch_ack_nack_extend_without_daemon(root: Path) -> None:
             third.nack()
         assert bus.ack("bob", ["m-000002", "unknown"]) == 1
         assert files(root / "locks" / "bob") == [] and files(root / "inbox" / "bob") == []
+
+
+def test_file_fallback_receipts_are_claim_names_and_a_stale_one_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file delivery's receipt is its claim name; once redelivered the old one is stale.
+
+    The stale receipt settles, releases and extends nothing: the newer claim keeps
+    its file and its lease, and settles by its own receipt.
+    """
+    monkeypatch.setenv("BUSD_LEASE_SECONDS", "0.2")
+    _deliver(root, 1, idempotency_key="k-1")
+    locks = root / "locks" / "bob"
+    with Client(root) as bus:
+        (old,) = bus.fetch("bob")
+        assert old.receipt is not None and [p.name for p in files(locks)] == [f"{old.receipt}.json"]
+        time.sleep(0.3)
+        (new,) = bus.fetch("bob")  # the sweep returned it, then it was claimed again
+        assert new.delivery_count == 2 and new.receipt != old.receipt
+        mtime = (locks / f"{new.receipt}.json").stat().st_mtime_ns
+        with pytest.raises(StaleReceipt) as err:
+            old.ack()
+        assert err.value.reason == "stale_receipt" and err.value.receipts == [old.receipt]
+        with pytest.raises(StaleReceipt):
+            old.nack()
+        with pytest.raises(StaleReceipt):
+            old.extend(60)
+        with pytest.raises(StaleReceipt):
+            bus.ack("bob", ["m-000001"], receipts=[old.receipt])
+        assert [p.name for p in files(locks)] == [f"{new.receipt}.json"]
+        assert (locks / f"{new.receipt}.json").stat().st_mtime_ns == mtime
+        assert not (root / "processed" / "bob.jsonl").exists()
+        assert new.ack() is True and new.ack() is False
+        assert files(locks) == []
+        assert "k-1" in ProcessedLedger(root / "processed" / "bob.jsonl")
+
+
+def test_file_receipts_interoperate_with_busd_consumer(root: Path) -> None:
+    """busd's consumer settles a client receipt, and the client settles a busd receipt."""
+    _deliver(root, 1)
+    _deliver(root, 2)
+    config = load_config(root=str(root), env={})
+    with Client(root) as bus:
+        (d,) = bus.fetch("bob")
+        assert d.receipt is not None
+        assert Consumer(config, "bob").settle(receipts=[d.receipt]) == (1, [])
+        (claim,) = Consumer(config, "bob").claim()
+        assert bus.ack("bob", receipts=[claim.receipt, "not-a-receipt"]) == 1
+        assert bus.ack("bob", ["m-000002"]) == 0  # by id: nothing left to settle
+    assert files(root / "locks" / "bob") == [] and files(root / "inbox" / "bob") == []
+
+
+def test_error_classes_by_code_match_busd_errors() -> None:
+    """Every busclient error named like a busd error maps from that error's code, and
+    every code busd answers over the socket has a class of its own or the base class."""
+    clients = {
+        name: getattr(busclient, name)
+        for name in busclient.__all__
+        if isinstance(getattr(busclient, name), type)
+        and issubclass(getattr(busclient, name), BusError)
+    }
+    served = [
+        cls
+        for name in busd_errors.__all__
+        if isinstance(cls := getattr(busd_errors, name), type)
+        and issubclass(cls, busd_errors.BusdError)
+        and cls.rpc_code != busd_errors.BusdError.rpc_code  # answered by the daemon
+    ]
+    assert busd_errors.StaleReceipt in served
+    for cls in served:
+        mine = clients.get(cls.__name__)
+        if mine is None:
+            assert cls.code not in busclient._ERRORS, cls.code
+            continue
+        assert busclient._ERRORS[cls.code] is mine, cls.code
+        err = busclient._error_from(
+            {"code": cls.rpc_code, "message": "m", "data": {"reason": cls.code, "error": cls.code}}
+        )
+        assert type(err) is mine and err.code == cls.rpc_code
+    answer = error_from_exception(busd_errors.StaleReceipt("gone", receipts=["r1"]))
+    body = {"code": answer.code, "message": answer.message, "data": answer.data}
+    stale = busclient._error_from(body)
+    assert isinstance(stale, StaleReceipt) and stale.receipts == ["r1"] and stale.code == -32012
 
 
 def test_fallback_sweep_returns_expired_and_leaves_exhausted_to_busd(root: Path) -> None:
@@ -334,8 +446,10 @@ def test_subscribe_polls_files_without_daemon_then_switches(root: Path) -> None:
 # ---------------------------------------------------------------- idempotent processing
 
 
-def test_processing_runs_side_effect_once_for_a_redelivered_message(root: Path) -> None:
-    """A message redelivered after its lease expired is processed once, by two consumers."""
+def test_processing_after_the_lease_ran_out_is_a_stale_receipt(root: Path) -> None:
+    """A consumer that finishes after its lease ran out (the message was delivered again)
+    gets StaleReceipt from processing(); the newer claim survives and is settled by its
+    own consumer, and the late client itself knows the message is no longer fresh."""
     (root / "busd.toml").write_text("lease_seconds = 0.5\n")
     effects: list[str] = []
     with running(root), Client(root) as a, Client(root) as b:
@@ -344,14 +458,14 @@ def test_processing_runs_side_effect_once_for_a_redelivered_message(root: Path) 
         (second,) = b.fetch("bob", wait_s=5)  # the lease ran out: delivered again
         assert (first.message_id, second.message_id) == ("m-000001", "m-000001")
         assert second.delivery_count == 2
-        with a.processing(first) as fresh:
+        with pytest.raises(StaleReceipt), a.processing(first) as fresh:
             assert fresh
             effects.append(first.message_id)
         with b.processing(second) as fresh:
-            assert not fresh
-            if fresh:
-                effects.append(second.message_id)
-        assert effects == ["m-000001"]
+            assert fresh  # the stale ack settled nothing: at least once, never lost
+            effects.append(second.message_id)
+        assert effects == ["m-000001", "m-000001"]
+        assert a._fresh(first) is False  # a itself remembers it finished the message
         assert b.fetch("bob", wait_s=0.8) == []
         assert files(root / "locks" / "bob") == []
 

@@ -355,6 +355,40 @@ def test_node_fetch_ack_round_trip(root: Path) -> None:
         d.kill()
 
 
+@needs_node
+def test_node_fetch_carries_receipts_and_ack_settles_by_receipt(root: Path) -> None:
+    """Fetched claims carry a receipt; ack --receipt settles that delivery; a stale one fails.
+
+    The first delivery's lease runs out and the message is delivered again: its
+    receipt is then refused (stale_receipt) and the second delivery survives.
+    """
+    d = Daemon(root, env={"BUSD_LEASE_SECONDS": "0.5"}).ready()
+    try:
+        drop(root, message(30), "m30.json")
+        where = ("--root", str(root))
+        [line] = node("fetch", "bob", "--wait", "5", *where).splitlines()
+        first = json.loads(line)
+        assert first["message"]["message_id"] == "m-000030"
+        r1 = first["receipt"]
+        parsed = parse_delivery_name(f"{r1}.json")
+        assert parsed is not None and parsed.message_id == "m-000030"
+        [line] = node("fetch", "bob", "--wait", "5", *where).splitlines()
+        second = json.loads(line)
+        assert second["delivery_count"] == 2 and second["receipt"] != r1
+        assert NODE is not None
+        stale = subprocess.run(
+            [NODE, str(BUSD_JS), "ack", "bob", "--receipt", r1, *where],
+            capture_output=True,
+            timeout=30,
+            env=_env(),
+        )
+        assert stale.returncode == 65, stale.stderr.decode()  # stale_receipt
+        assert node("ack", "bob", "--receipt", second["receipt"], *where) == "acked 1\n"
+        assert node("fetch", "bob", *where) == ""
+    finally:
+        d.kill()
+
+
 # ---------------------------------------------------------------- socat
 
 

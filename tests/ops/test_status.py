@@ -14,7 +14,7 @@ import msgspec
 from _rpc import Rpc
 from busd import __version__
 from busd.config import load_config
-from busd.ops.status import DaemonInfo, Rate, Rates, StatusReport, Totals, report
+from busd.ops.status import DaemonInfo, QueueInfo, Rate, Rates, StatusReport, Totals, report
 from busd.store.layout import init_bus
 from daemon_harness import BUSD, Daemon, clean_env, drop, message, wait_for
 
@@ -140,3 +140,68 @@ def test_a_status_answer_converts_back_to_the_report(tmp_path: Path) -> None:
     cfg = load_config(root=str(init_bus(tmp_path / "bus").root), env={})
     sent = report(cfg, _info())
     assert msgspec.json.decode(msgspec.json.encode(sent), type=StatusReport) == sent
+
+
+def _delivery(directory: Path, arrival: int, count: int, mid: str) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (directory / f"{arrival:020d}-{count:03d}-{mid}.json").write_bytes(b"{}")
+
+
+def test_memory_queues_add_to_the_agents_files_and_say_how_each_is_served(
+    tmp_path: Path,
+) -> None:
+    """DaemonInfo.queues: an agent's ready/in-flight count its files plus its memory messages;
+    served and connections come from the queue; the oldest unsettled is its oldest file when it
+    has one, else the memory's; an agent with a queue but no directory is listed too; an agent
+    without a queue is served by files."""
+    root = init_bus(tmp_path / "bus").root
+    _delivery(root / "inbox" / "bob", 2_000, 0, "m-file")
+    _delivery(root / "locks" / "dave", 3_000, 1, "m-claimed")
+    _delivery(root / "inbox" / "dave", 4_000, 0, "m-ready")
+    cfg = load_config(root=str(root), env={})
+    queues = {
+        "bob": QueueInfo("socket", 2, 5, 2, "m-mem"),
+        "carol": QueueInfo(
+            served="socket", connections=1, ready=0, in_flight=1, oldest_unsettled="m-c"
+        ),
+    }
+    got = report(cfg, _info(queues=queues)).agents
+    bob, carol, dave = got["bob"], got["carol"], got["dave"]
+    assert (bob.ready, bob.in_flight, bob.served, bob.connections) == (6, 2, "socket", 2)
+    assert bob.oldest_unsettled == "m-file"
+    assert (carol.ready, carol.in_flight, carol.served, carol.connections) == (0, 1, "socket", 1)
+    assert carol.oldest_unsettled == "m-c"
+    assert (dave.ready, dave.in_flight, dave.served, dave.connections) == (1, 1, "files", 0)
+    assert dave.oldest_unsettled == "m-claimed"  # the claim arrived before the ready file
+    encoded = json.loads(msgspec.json.encode(report(cfg, _info(queues=queues))))
+    assert encoded["agents"]["bob"]["served"] == "socket"
+    assert encoded["agents"]["carol"]["oldest_unsettled"] == "m-c"
+
+
+def test_without_a_daemon_every_agent_is_served_by_files(tmp_path: Path) -> None:
+    """The daemon-less report has no memory: files only, 0 connections, oldest from the files
+    (None when the agent holds nothing)."""
+    root = init_bus(tmp_path / "bus").root
+    _delivery(root / "inbox" / "bob", 9_000, 0, "m-late")
+    _delivery(root / "inbox" / "bob", 1_000, 2, "m-early")
+    (root / "inbox" / "carol").mkdir(mode=0o700)
+    got = report(load_config(root=str(root), env={}), None).agents
+    assert [(a.served, a.connections) for a in got.values()] == [("files", 0)] * 2
+    assert (got["bob"].ready, got["bob"].oldest_unsettled) == (2, "m-early")
+    assert got["carol"].oldest_unsettled is None
+
+
+def test_a_report_from_an_older_daemon_converts_and_queues_round_trip(tmp_path: Path) -> None:
+    """Keys are added, never renamed: an answer without the new agent keys converts (files,
+    0 connections), and DaemonInfo.queues survives JSON (the RPC's path)."""
+    root = init_bus(tmp_path / "bus").root
+    _delivery(root / "inbox" / "bob", 1_000, 0, "m-1")
+    cfg = load_config(root=str(root), env={})
+    sent = msgspec.to_builtins(report(cfg, _info()))
+    for key in ("served", "connections", "oldest_unsettled"):
+        del sent["agents"]["bob"][key]
+    old = msgspec.convert(sent, StatusReport)
+    assert (old.agents["bob"].served, old.agents["bob"].connections) == ("files", 0)
+    info = _info(queues={"bob": QueueInfo("socket", 3, 1, 0, None)})
+    assert msgspec.json.decode(msgspec.json.encode(info), type=DaemonInfo) == info
+    assert _info().queues == {}

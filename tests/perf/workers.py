@@ -201,6 +201,44 @@ def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     return _timed(start, len(staged))
 
 
+def drop_files_served(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
+    """Rename ``count`` staged files into ``outbox/alice/`` for socket-served ``agents``.
+
+    Done when the outbox is empty (every file journaled) and the daemon's status counts
+    every message ready or in flight for ``agents`` (in its memory queues: no inbox file
+    is waited for, since a socket-served agent gets none).
+    """
+    root = Path(args["root"])
+    outbox = root / "outbox" / "alice"
+    staged = sorted((root / "tmp").glob("stage-*"))
+    assert len(staged) == args["count"], len(staged)
+    rpc = Rpc(args["socket"])
+    barrier.wait(60)
+    start = time.monotonic()
+    for p in staged:
+        os.rename(p, outbox / p.name[len("stage-") :])
+    deadline = start + args["timeout"]
+    while True:
+        with os.scandir(outbox) as it:
+            if not any(not e.name.startswith(".") for e in it):
+                break
+        if time.monotonic() > deadline:
+            raise TimeoutError("the outbox did not drain")
+        time.sleep(0.005)
+    while True:
+        agents = rpc("status")["agents"]
+        held = sum(
+            agents[a]["ready"] + agents[a]["in_flight"] for a in args["agents"] if a in agents
+        )
+        if held >= len(staged):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {held} of {len(staged)} queued for the served agents")
+        time.sleep(0.01)
+    rpc.close()
+    return _timed(start, len(staged))
+
+
 def drop_latency(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     """A file renamed into the outbox at ``rate`` per second -> its delivery in the inbox."""
     root = Path(args["root"])

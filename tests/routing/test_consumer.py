@@ -12,7 +12,7 @@ from pathlib import Path
 import portalocker
 import pytest
 
-from busd.errors import InvalidName, LockTimeout, NotFound
+from busd.errors import InvalidName, LockTimeout, NotFound, StaleReceipt
 from busd.routing.consumer import Consumer, return_expired
 from busd.store import dlq
 from busd.store import ledger as ledger_mod
@@ -171,11 +171,125 @@ def test_extend_moves_the_lease_expiry(bus: Bus) -> None:
     _put(bus, "m-1")
     c = Consumer(bus.config, "bob")
     [claim] = c.claim()
-    until = c.extend("m-1", 500)
+    until = c.extend("m-1", lease_s=500)
     assert abs(claim.path.stat().st_mtime - until.timestamp()) < 0.01
     assert until.timestamp() > time.time() + 490
     with pytest.raises(NotFound):
-        c.extend("m-404", 5)
+        c.extend("m-404", lease_s=5)
+
+
+def _redelivered(bus: Bus) -> tuple[Consumer, str, str]:
+    """m-1 claimed (receipt r1), its lease expired and swept, claimed again (receipt r2)."""
+    _put(bus, "m-1", idempotency_key="k-1")
+    c = Consumer(bus.config, "bob")
+    [first] = c.claim()
+    assert return_expired(bus.config, now=time.time() + 120).returned == [first.name]
+    [second] = c.claim()
+    assert second.delivery_count == 2 and second.receipt != first.receipt
+    return c, first.receipt, second.receipt
+
+
+def test_receipt_is_the_claim_name_without_json(bus: Bus) -> None:
+    """A claim's receipt is its file name in locks/ minus .json; it parses as a delivery."""
+    _put(bus, "m-1")
+    [claim] = Consumer(bus.config, "bob").claim()
+    assert claim.receipt + ".json" == claim.name == claim.path.name
+    parsed = parse_delivery_name(claim.receipt + ".json")
+    assert parsed is not None and parsed.message_id == "m-1" and parsed.deliveries == 1
+
+
+def test_stale_receipt_is_refused_and_the_newer_claim_survives(bus: Bus) -> None:
+    """The receipt of an expired, redelivered claim settles, releases and extends nothing."""
+    c, r1, r2 = _redelivered(bus)
+    locks = bus.layout.locks_dir("bob")
+    mtime = (locks / f"{r2}.json").stat().st_mtime_ns
+    with pytest.raises(StaleReceipt) as err:
+        c.settle(receipts=[r1])
+    assert err.value.receipts == [r1] and err.value.code == "stale_receipt"
+    assert err.value.rpc_code == -32012 and err.value.to_dict()["receipts"] == [r1]
+    with pytest.raises(StaleReceipt):
+        c.release(receipt=r1)
+    with pytest.raises(StaleReceipt):
+        c.extend(receipt=r1, lease_s=900)
+    with pytest.raises(StaleReceipt):
+        c.settle(message_ids=["m-1"], receipts=[r1])
+    assert _names(locks) == [f"{r2}.json"]
+    assert (locks / f"{r2}.json").stat().st_mtime_ns == mtime
+    assert not bus.layout.ledger("bob").exists() or "m-1" not in c.processed()
+    assert c.settle(receipts=[r2]) == (1, [])
+    assert _names(locks) == [] and "m-1" in c.processed() and "k-1" in c.processed()
+
+
+def test_receipt_of_a_released_delivery_is_stale(bus: Bus) -> None:
+    """Released (back in the inbox), a delivery's receipt no longer settles the message."""
+    _put(bus, "m-1")
+    c = Consumer(bus.config, "bob")
+    [claim] = c.claim()
+    c.release(receipt=claim.receipt)
+    assert _names(bus.layout.inbox_dir("bob")) == [claim.name]
+    with pytest.raises(StaleReceipt):
+        c.settle(receipts=[claim.receipt])
+    assert _names(bus.layout.inbox_dir("bob")) == [claim.name]
+    assert "m-1" not in c.processed()
+
+
+def test_one_stale_receipt_makes_the_whole_settle_change_nothing(bus: Bus) -> None:
+    """A call with a current and a stale receipt raises before writing the ledger."""
+    c, r1, r2 = _redelivered(bus)
+    _put(bus, "m-2")
+    [other] = c.claim()
+    with pytest.raises(StaleReceipt) as err:
+        c.settle(receipts=[other.receipt, r1])
+    assert err.value.receipts == [r1]
+    assert sorted(_names(bus.layout.locks_dir("bob"))) == sorted([f"{r2}.json", other.name])
+    assert not bus.layout.ledger("bob").exists() or len(c.processed()) == 0
+
+
+def test_settle_by_receipts_and_ids_reports_what_is_not_held(bus: Bus) -> None:
+    """Receipts and ids mix; garbage, unknown and already-settled ones come back not held."""
+    for mid in ("m-1", "m-2", "m-3"):
+        _put(bus, mid)
+    c = Consumer(bus.config, "bob")
+    one, two, three = c.claim(3)
+    acked, not_held = c.settle(
+        receipts=[one.receipt, "../../etc/passwd", one.receipt], message_ids=["m-2", "m-404"]
+    )
+    assert (acked, not_held) == (2, ["../../etc/passwd", "m-404"])
+    assert _names(bus.layout.locks_dir("bob")) == [three.name]
+    assert c.settle(receipts=[one.receipt, two.receipt]) == (0, [one.receipt, two.receipt])
+    assert c.settle(receipts=[three.receipt], message_ids=["m-3"]) == (1, [])
+    assert [
+        r["message_id"] for r in map(json.loads, bus.layout.ledger("bob").read_bytes().splitlines())
+    ] == [
+        "m-1",
+        "m-2",
+        "m-3",
+    ]
+
+
+def test_ack_by_message_id_settles_the_current_claim(bus: Bus) -> None:
+    """A message id means "the current claim": it settles the redelivered copy."""
+    c, _r1, r2 = _redelivered(bus)
+    assert c.ack(["m-1"]) == 1
+    assert _names(bus.layout.locks_dir("bob")) == []
+    assert c.settle(receipts=[r2]) == (0, [r2])
+
+
+def test_extend_and_release_by_receipt(bus: Bus) -> None:
+    """extend/release name one delivery by receipt; unknown or mismatched ones are NotFound."""
+    _put(bus, "m-1")
+    c = Consumer(bus.config, "bob")
+    [claim] = c.claim()
+    until = c.extend(receipt=claim.receipt, lease_s=500)
+    assert abs(claim.path.stat().st_mtime - until.timestamp()) < 0.01
+    with pytest.raises(NotFound):
+        c.extend("m-2", receipt=claim.receipt, lease_s=5)
+    with pytest.raises(NotFound):
+        c.release(receipt=delivery_name("0" * 20, 1, "m-404").removesuffix(".json"))
+    c.release("m-1", receipt=claim.receipt, delay_s=30)
+    assert claim.path.exists() and claim.path.stat().st_mtime > time.time() + 20
+    c.release(receipt=claim.receipt)
+    assert _names(bus.layout.inbox_dir("bob")) == [claim.name]
 
 
 def test_expired_lease_returns_then_delivery_limit_dead_letters(bus: Bus) -> None:

@@ -154,6 +154,18 @@ def test_dead_letter_counts_and_journals_only_what_it_is_given(bus: Bus) -> None
     assert sorted(_records(bus)) == sorted([first.name, second.name])
 
 
+def test_a_consumer_side_dead_letter_names_the_agent_that_held_it(bus: Bus) -> None:
+    """A claim-time refusal journals the claiming agent (the journal fold settles the
+    message for that agent on it), a router refusal its sender."""
+    path = bus.layout.locks_dir("bob") / "x.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_INVALID)
+    claimed = Refused(Origin.claim(bus.layout, "bob", path), InvalidMessage(Reason.SCHEMA, "bad"))
+    published = Refused(Origin.socket("alice"), InvalidMessage(Reason.SCHEMA, "bad"), data=b"{}")
+    assert refusals.dead_letter(bus.layout, claimed).entry.agent == "bob"
+    assert refusals.dead_letter(bus.layout, published).entry.agent == "alice"
+
+
 def _status(rpc: Rpc) -> dict[str, Any]:
     status: dict[str, Any] = rpc("status")
     return status

@@ -521,6 +521,33 @@ def test_redo_after_a_pass_died_after_its_journal_append(bus: Bus) -> None:
     assert not src.exists()
 
 
+def test_redo_writes_no_file_for_what_the_daemons_memory_holds(bus: Bus) -> None:
+    """A source left behind after the append, whose message the daemon's memory holds (or
+    held: rebuilt, then acked): the redo writes no second copy, which would be delivered
+    again after the memory copy's ack. Other recipients still get what they lack."""
+    raw = message_bytes("m-h", to=["bob", "carol"])
+    src = drop(bus, "h.json", raw)
+    with Router(bus.config) as router:
+        router.route([src])
+    for path in (*deliveries(bus, "bob"), *deliveries(bus, "carol")):
+        path.unlink()  # bob's copy lived in memory; carol's file was lost in the crash
+    src.write_bytes(raw)
+    asked: list[tuple[str, str]] = []
+
+    def held(agent: str, message_id: str) -> bool:
+        asked.append((agent, message_id))
+        return agent == "bob"
+
+    with Router(bus.config) as router:
+        batch = router.commit(router.scan())
+        report = router.finish(batch, held=held)
+    assert report.redone == 1
+    assert delivered_ids(bus, "bob") == []
+    assert delivered_ids(bus, "carol") == ["m-h"]
+    assert ("bob", "m-h") in asked
+    assert not src.exists()
+
+
 def test_sigkill_at_random_points_delivers_every_message_exactly_once(bus: Bus) -> None:
     """Routing passes SIGKILLed at random instants, then a clean pass: each message once."""
     rng = random.Random(20240501)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import UTC, datetime
 
 import anyio
 import msgspec
@@ -13,7 +14,8 @@ import pytest
 from busd.config import Config
 from busd.errors import BusdError, InvalidMessage, NotFound
 from busd.ops.status import StatusReport, report
-from busd.routing.router import Incoming, Router
+from busd.routing.queues import AckOutcome, Delivery, Queues, Ref
+from busd.routing.router import Incoming, Kept, Router
 from busd.rpc.methods import Methods
 from busd.rpc.protocol import (
     AckParams,
@@ -26,13 +28,18 @@ from busd.rpc.protocol import (
     ReplayParams,
     SubscribeParams,
 )
+from busd.runtime.memory import new_receipt
 from busd.store import dlq
 from conftest import Bus
 from daemon_harness import message
 
 
 class FakeBroker:
-    """Commits and delivers each publish at once, and records what the methods asked for."""
+    """Commits and delivers each publish at once, and records what the methods asked for.
+
+    Agents in ``served`` get their messages in a real :class:`Queues` (no file),
+    read back from the real journal, as the daemon does; the rest get files.
+    """
 
     def __init__(self, config: Config, router: Router) -> None:
         self.config = config
@@ -41,12 +48,60 @@ class FakeBroker:
         self.arrivals: list[str] = []
         self.scans = 0
         self.topics: list[tuple[str, str]] = []
+        self.queues = Queues()
+        self.served: set[str] = set()
+        self.touched: list[str] = []
 
     async def publish(self, items: list[Incoming]) -> None:
-        def route() -> None:
-            self.router.finish(self.router.commit([], items))
+        def route() -> list[Kept]:
+            batch = self.router.commit([], items)
+            return self.router.finish(batch, served=self.served.__contains__).kept
 
-        await anyio.to_thread.run_sync(route)
+        for k in await anyio.to_thread.run_sync(route):
+            self.queues.add(k.agent, Ref(k.message_id, k.key, k.position, k.length))
+
+    def attach(self, agent: str) -> None:
+        self.served.add(agent)
+
+    def detach(self, agent: str) -> None:
+        self.served.discard(agent)
+
+    def touch(self, agent: str) -> None:
+        self.touched.append(agent)
+
+    async def claim(self, agent: str, n: int) -> list[tuple[Delivery, bytes]]:
+        claimed, _ = self.queues.claim(
+            agent, n, now=time.time(), lease_s=60.0, max_deliveries=5, new_receipt=new_receipt
+        )
+        out = []
+        for d in claimed:
+            entry = self.router.journal.read_at(d.ref.position, d.ref.length)
+            assert entry.message is not None
+            out.append((d, bytes(entry.message)))
+        return out
+
+    async def settle(
+        self, agent: str, *, receipts: list[str], message_ids: list[str]
+    ) -> AckOutcome:
+        return self.queues.ack(agent, receipts=receipts, message_ids=message_ids)
+
+    def holds(self, agent: str, message_id: str) -> bool:
+        return self.queues.holds(agent, message_id)
+
+    def release(
+        self, agent: str, *, receipt: str | None, message_id: str | None, delay_s: float
+    ) -> None:
+        self.queues.release(
+            agent, receipt=receipt, message_id=message_id, now=time.time(), delay_s=delay_s
+        )
+
+    def extend(
+        self, agent: str, *, receipt: str | None, message_id: str | None, lease_s: float
+    ) -> datetime:
+        d = self.queues.extend(
+            agent, receipt=receipt, message_id=message_id, now=time.time(), lease_s=lease_s
+        )
+        return datetime.fromtimestamp(d.lease_until, UTC)
 
     async def settled(self) -> None:
         return None
@@ -63,7 +118,7 @@ class FakeBroker:
     async def subscribe(self, topic: str, agent: str) -> None:
         self.topics.append((topic, agent))
 
-    def status(self) -> StatusReport:
+    async def status(self) -> StatusReport:
         return report(self.config, None)
 
 
@@ -90,12 +145,15 @@ def test_publish_fetch_ack_in_process(bus: Bus) -> None:
             fetched = _json(await methods.fetch(FetchParams("bob", max=5)))
             assert isinstance(fetched, dict)
             (claimed,) = fetched["messages"]
-            assert list(claimed) == ["message", "delivery_count", "lease_expires_at"]
+            assert list(claimed) == ["message", "delivery_count", "lease_expires_at", "receipt"]
             assert claimed["message"]["message_id"] == "m-000001"
             assert claimed["delivery_count"] == 1
-            extended = _json(await methods.extend(ExtendParams("bob", "m-000001", 60.0)))
+            extended = _json(
+                await methods.extend(ExtendParams("bob", message_id="m-000001", lease_s=60.0))
+            )
             assert isinstance(extended, dict) and list(extended) == ["lease_expires_at"]
-            assert _json(await methods.ack(AckParams("bob", ["m-000001", "nope"]))) == {"acked": 1}
+            acked = _json(await methods.ack(AckParams("bob", ["m-000001", "nope"])))
+            assert acked == {"acked": 1, "not_held": ["nope"]}
             assert _json(await methods.fetch(FetchParams("bob"))) == {"messages": []}
 
         anyio.run(main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import anyio
 import anyio.abc
 import msgspec
@@ -13,6 +15,7 @@ from busd.runtime.arrivals import Arrivals
 from busd.runtime.committer import Committer
 from busd.runtime.deliverer import Deliverer
 from busd.runtime.metrics import Metrics
+from busd.store.journal import JournalEntry
 from conftest import Bus
 from daemon_harness import files, message
 
@@ -91,13 +94,13 @@ def test_concurrent_publishes_share_commits(bus: Bus) -> None:
     with Router(bus.config) as router:
         committer, deliverer, metrics = _parts(router)
         appends: list[int] = []
-        real_append = router.journal.append
+        real_append = router.journal.append_at
 
         def append(entries: list[object]) -> object:
             appends.append(len(entries))
             return real_append(entries)  # type: ignore[arg-type]
 
-        router.journal.append = append  # type: ignore[method-assign,assignment]
+        router.journal.append_at = append  # type: ignore[method-assign,assignment]
 
         async def main() -> None:
             async with anyio.create_task_group() as tg:
@@ -114,3 +117,46 @@ def test_concurrent_publishes_share_commits(bus: Bus) -> None:
         assert sum(appends) == 20
         assert len(appends) <= 3, appends
         assert metrics.totals()["accepted"] == 20
+
+
+def test_acks_share_a_commit_and_return_only_once_journaled(bus: Bus) -> None:
+    """``record`` (an ack's ``acked`` lines) returns after the append that holds its lines;
+    concurrent ones share appends, and ``record_soon`` lines ride along without a commit."""
+    with Router(bus.config) as router:
+        committer, deliverer, _ = _parts(router)
+        appends: list[int] = []
+        real_append = router.journal.append_at
+
+        def append(entries: list[object]) -> object:
+            appends.append(len(entries))
+            return real_append(entries)  # type: ignore[arg-type]
+
+        router.journal.append_at = append  # type: ignore[method-assign,assignment]
+        now = datetime.now(UTC)
+
+        def acked(i: int) -> JournalEntry:
+            return JournalEntry(event="acked", at=now, message_id=f"m-{i}", agent="bob")
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(committer.run)
+                tg.start_soon(deliverer.run)
+                committer.record_soon([JournalEntry(event="delivered", at=now, message_id="d")])
+                await anyio.sleep(0.05)
+                assert appends == []  # a `delivered` line causes no commit of its own
+                journaled: list[bool] = []
+
+                async def ack(i: int) -> None:
+                    await committer.record([acked(i)])
+                    ids = {e.message_id for e in router.journal.read(events=("acked",))}
+                    journaled.append(f"m-{i}" in ids)
+
+                async with anyio.create_task_group() as ackers:
+                    for i in range(20):
+                        ackers.start_soon(ack, i)
+                tg.cancel_scope.cancel()
+            assert journaled == [True] * 20
+
+        anyio.run(main)
+        assert sum(appends) == 21 and len(appends) <= 3, appends
+        assert [e.message_id for e in router.journal.read(events=("delivered",))] == ["d"]

@@ -66,15 +66,19 @@ def test_invalid_files_are_dead_lettered_and_daemon_stays_up(root: Path, daemon:
 
 
 def test_files_dropped_while_down_are_delivered_at_start(root: Path) -> None:
-    """Messages that waited in outbox/ (and foreign files in inbox/) are routed on start."""
+    """Messages that waited in outbox/ (and foreign files in inbox/) are routed once ready.
+
+    The backlog is routed after ready (issue 11 item 6), in arrival order.
+    """
     for i in range(20):
-        drop(root, message(i), f"{i}.json")
+        drop(root, message(i), f"{i:02d}.json")
     (root / "inbox" / "carol").mkdir()
     (root / "inbox" / "carol" / "direct.json").write_text(json.dumps(message(99, to="carol")))
     d = Daemon(root).ready()
     try:
-        assert len(_ids(root / "inbox" / "bob")) == 20
-        assert _ids(root / "inbox" / "carol") == ["m-000099"]
+        wait_for(lambda: len(_ids(root / "inbox" / "bob")) == 20, what="the backlog routed")
+        assert _ids(root / "inbox" / "bob") == [f"m-{i:06d}" for i in range(20)]
+        wait_for(lambda: _ids(root / "inbox" / "carol") == ["m-000099"], what="the foreign file")
         assert sorted(_journal_ids(root)) == sorted([f"m-{i:06d}" for i in [*range(20), 99]])
     finally:
         assert d.stop() == 0

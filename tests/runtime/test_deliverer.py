@@ -8,7 +8,7 @@ import anyio
 import msgspec
 
 from busd.core.codec import decode
-from busd.routing.router import Batch, Incoming, Router, RouteReport
+from busd.routing.router import Batch, Held, Incoming, Router, RouteReport, Served
 from busd.runtime.arrivals import Arrivals
 from busd.runtime.deliverer import Deliverer
 from busd.runtime.metrics import Metrics
@@ -24,10 +24,12 @@ class _GatedRouter(Router):
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def finish(self, *batches: Batch) -> RouteReport:
+    def finish(
+        self, *batches: Batch, served: Served | None = None, held: Held | None = None
+    ) -> RouteReport:
         self.entered.set()
         self.gate.wait(10)
-        return super().finish(*batches)
+        return super().finish(*batches, served=served, held=held)
 
 
 def _incoming(i: int) -> Incoming:

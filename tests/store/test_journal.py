@@ -489,3 +489,98 @@ def test_refused_write_eperm_is_storage_error_like_every_store_write(tmp_path: P
     assert info.value.context["path"].startswith(str(directory))
     j.append([ent(1)])
     assert [e.message_id for e in j.read()] == ["m1"]
+
+
+# -- issue 11: addressed entries (append_at, read_spans, read_at) and the new fields -------
+
+
+def test_new_fields_round_trip_and_old_lines_stay_byte_identical(tmp_path: Path) -> None:
+    """``receipt`` and ``count`` encode when set, and a line without them is unchanged."""
+    at = datetime(2026, 11, 21, 21, 45, 25, 609732, tzinfo=UTC)
+    old = JournalEntry(event="accepted", at=at, message_id="m1", agent="a", to=["b"])
+    assert encode_entry(old) == (
+        b'{"event":"accepted","at":"2026-11-21T21:45:25.609732Z","message_id":"m1",'
+        b'"agent":"a","to":["b"]}'
+    )
+    new = JournalEntry(event="delivered", at=at, message_id="m1", agent="b", receipt="r-1", count=3)
+    line = encode_entry(new)
+    assert b'"receipt":"r-1"' in line and b'"count":3' in line
+    assert decode_entry(line) == new
+
+
+def test_append_at_gives_each_lines_start_and_length(tmp_path: Path) -> None:
+    """Spans cover the segment exactly, line by line; read_at reads each entry back."""
+    j = Journal(tmp_path / "journal")
+    first = [ent(i, message=msgspec.Raw(b'{"n": %d}' % i)) for i in range(3)]
+    second = [ent(i, "acked", agent="b", receipt=f"r{i}") for i in range(3, 5)]
+    spans = j.append_at(first) + j.append_at(second)
+    data = (tmp_path / "journal" / "000000000001.ndjson").read_bytes()
+    offset = 0
+    for (pos, length), entry in zip(spans, first + second, strict=True):
+        assert pos == Position(1, offset)
+        assert data[offset : offset + length] == encode_entry(entry) + b"\n"
+        assert j.read_at(pos, length) == entry
+        offset += length
+    assert offset == len(data)
+    assert [(p, n) for _, p, n in j.read_spans()] == spans
+    assert [p for _, p, _ in j.read_spans(spans[2][0])] == [s[0] for s in spans[2:]]
+    assert j.append_at([]) == []
+    j.close()
+
+
+def test_append_at_across_rotation_and_read_at_after_prune(tmp_path: Path) -> None:
+    """A batch that rotates starts at offset 0 of the new segment; a pruned segment is
+    NotFound, also through a descriptor read_at had cached; a wrong length is NotFound."""
+    j = Journal(tmp_path / "journal", segment_bytes=200)
+    big = msgspec.Raw(b'"' + b"x" * 150 + b'"')
+    (a,) = j.append_at([ent(1, message=big)])
+    (b,) = j.append_at([ent(2, message=big)])
+    assert a[0] == Position(1, 0) and b[0] == Position(2, 0)
+    assert j.read_at(*a).message_id == "m1"  # its descriptor is now cached
+    pruned = j.prune(max_age_seconds=None, max_total_bytes=1)
+    assert pruned == [tmp_path / "journal" / "000000000001.ndjson"]
+    with pytest.raises(NotFound):
+        j.read_at(*a)
+    with pytest.raises(NotFound):
+        j.read_at(b[0], b[1] + 1)  # past the end
+    other = Journal(tmp_path / "journal")  # another reader whose segment is removed under it
+    assert other.read_at(*b).message_id == "m2"
+    j.close()
+    other.close()
+
+
+def test_read_at_a_wrong_position_is_invalid_not_another_entry(tmp_path: Path) -> None:
+    """Bytes that are not one whole entry never decode as some entry."""
+    j = Journal(tmp_path / "journal")
+    ((pos, length),) = j.append_at([ent(1)])
+    with pytest.raises((InvalidMessage, NotFound)):
+        j.read_at(Position(1, 1), length - 1)
+    with pytest.raises(ValueError):
+        j.read_at(pos, 0)
+    j.close()
+
+
+def test_read_at_from_many_threads(tmp_path: Path) -> None:
+    """read_at is thread-safe: concurrent readers of many segments always get their entry
+    (the descriptor cache evicts while others read)."""
+    j = Journal(tmp_path / "journal", segment_bytes=120)
+    spans = [j.append_at([ent(i, detail="d" * 60)])[0] for i in range(80)]
+    assert len(j.segments()) > 40  # more segments than read_at keeps descriptors for
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(400):
+                i = rng.randrange(len(spans))
+                assert j.read_at(*spans[i]).message_id == f"m{i}"
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    j.close()

@@ -62,3 +62,20 @@ def test_append_refused_is_storage_error(tmp_path: Path) -> None:
     with immutable(layout.processed), pytest.raises(StorageError) as info:
         ledger.add_many([LedgerRecord(message_id="m", acked_at=_NEW)])
     assert info.value.context == {"path": str(layout.ledger("bob")), "errno": errno.EPERM}
+
+
+def test_acked_ids_and_keys_are_two_sets(tmp_path: Path) -> None:
+    """acked() matches a message's id with acked ids and its key with acked keys, never one
+    with the other: a key equal to another message's id settles neither (before, one set
+    held both and either message passed for acked). A second reader and compaction agree."""
+    ledger = _ledger(tmp_path)  # "old" (no key) and "new" with key "k"
+    ledger.add_many([LedgerRecord(message_id="x", acked_at=_NEW)])
+    for view in (ledger, ProcessedLedger(ledger.path)):
+        assert view.acked("x", None) and view.acked("x", "any") and view.acked("z", "k")
+        assert not view.acked("y", "x")  # a key equal to the acked id x
+        assert not view.acked("k", None)  # an id equal to the acked key k
+        assert view.has_id("new") and view.has_key("k") and not view.has_key("new")
+        assert not view.has_id("k")
+        assert "k" in view and "x" in view and len(view) == 4  # 3 ids + 1 key
+    assert ledger.compact(older_than_s=3600) == 1
+    assert not ledger.acked("old", None) and ledger.acked("q", "k") and len(ledger) == 3

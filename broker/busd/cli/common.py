@@ -63,6 +63,7 @@ EXIT_CODES: dict[str, int] = {
     "invalid_message": 65,  # EX_DATAERR
     "invalid_name": 65,
     "not_found": 66,  # EX_NOINPUT
+    "stale_receipt": 66,  # the claim it named is gone, as for not_found
     "storage_error": 74,  # EX_IOERR
     "lock_timeout": 75,  # EX_TEMPFAIL
     "already_running": 75,

@@ -2,7 +2,9 @@
 
 send, recv and ack go through the daemon's socket when one runs (send then
 answers after the daemon's journal fsync, shared with other publishers) and
-work on the files otherwise, printing the same shapes either way.
+work on the files otherwise, printing the same shapes either way. ``recv --json``
+adds each delivery's ``receipt`` (protocol.md 6.8) to its envelope, and ``ack
+--receipt`` settles exactly that delivery (a stale one fails ``stale_receipt``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from busd.cli.common import (
     RootOpt,
     daemon_or_files,
     exit_on_error,
+    fail,
     load,
     print_json,
 )
@@ -127,44 +130,75 @@ def recv(
     """
     cfg = load(ctx, root, config)
 
-    def live(call: DaemonCall) -> list[Message]:
+    def live(call: DaemonCall) -> list[tuple[Message, str | None]]:
         result = call("fetch", {"agent_id": agent, "max": max_})
-        return [decode(json.dumps(m["message"]).encode()) for m in result["messages"]]
+        return [
+            (decode(json.dumps(m["message"]).encode()), m.get("receipt"))
+            for m in result["messages"]
+        ]
 
-    def files() -> list[Message]:
+    def files() -> list[tuple[Message, str | None]]:
         route_pending(cfg)
         return_expired(cfg, agent)
-        return [c.message for c in Consumer(cfg, agent).claim(max_)]
+        return [(c.message, c.receipt) for c in Consumer(cfg, agent).claim(max_)]
 
     with exit_on_error():
-        messages = daemon_or_files(cfg, live, files)
-    encode = encode_json if json_out else encode_markdown
-    for msg in messages:
-        sys.stdout.buffer.write(encode(msg) + b"\n")
+        deliveries = daemon_or_files(cfg, live, files)
+    for msg, receipt in deliveries:
+        sys.stdout.buffer.write(_with_receipt(msg, receipt) if json_out else encode_markdown(msg))
+        sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
+
+
+def _with_receipt(msg: Message, receipt: str | None) -> bytes:
+    """The compact JSON envelope plus a top-level ``receipt`` (left out when unknown).
+
+    The added field makes it no longer a message to send as it is: strip it first.
+    """
+    envelope: dict[str, Any] = msgspec.json.decode(encode_json(msg))
+    if receipt is not None:
+        envelope["receipt"] = receipt
+    return msgspec.json.encode(envelope)
 
 
 def ack(
     ctx: typer.Context,
     agent: Annotated[str, typer.Argument(help="The agent that claimed the messages.")],
-    message_ids: Annotated[list[str], typer.Argument(help="Message ids to acknowledge.")],
+    message_ids: Annotated[
+        list[str] | None, typer.Argument(help="Message ids to acknowledge (current claims).")
+    ] = None,
+    receipts: Annotated[
+        list[str] | None,
+        typer.Option("--receipt", help="A delivery to settle, as `busd recv --json` prints it."),
+    ] = None,
     root: RootOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Acknowledge claimed messages: recorded as processed, then removed.
 
-    Example: busd ack bob MSG-20260101-000000-000000000-PID00001-0000
+    A message id settles the message's current claim; --receipt settles that one
+    delivery and fails with stale_receipt (nothing settled) once it was redelivered.
+    Example: busd ack bob --receipt 01795297525618002255-001-task-42  (or: busd ack bob task-42)
     """
     cfg = load(ctx, root, config)
+    ids, named = list(message_ids or ()), list(receipts or ())
+    if not ids and not named:
+        fail("usage", "name at least one message id or --receipt")
+
+    def live(call: DaemonCall) -> tuple[int, list[str]]:
+        params: dict[str, Any] = {"agent_id": agent, "message_ids": ids}
+        if named:  # only then: a daemon that predates receipts refuses the field
+            params["receipts"] = named
+        result = call("ack", params)
+        return int(result["acked"]), [str(x) for x in result.get("not_held", ())]
+
     with exit_on_error():
-        n = daemon_or_files(
-            cfg,
-            lambda call: int(call("ack", {"agent_id": agent, "message_ids": message_ids})["acked"]),
-            lambda: Consumer(cfg, agent).ack(message_ids),
+        n, not_held = daemon_or_files(
+            cfg, live, lambda: Consumer(cfg, agent).settle(message_ids=ids, receipts=named)
         )
     if json_out:
-        print_json({"acked": n})
+        print_json({"acked": n, "not_held": not_held})
     else:
         typer.echo(f"acked {n}")
 

@@ -33,12 +33,13 @@ from busd.cli.common import (
 from busd.cli.render import ago, pairs, plural, since_iso, size, table
 from busd.config import Config
 from busd.errors import BusdError
-from busd.ops.status import Rate, StatusReport, report
+from busd.ops.status import SERVED_SOCKET, AgentStatus, Rate, StatusReport, report
 from busd.rpc import client as rpc
 
 __all__ = ["register", "status_report"]
 
 _STATUS_TIMEOUT_S = 10.0  # a daemon that takes longer is reported as not answering
+_ID_WIDTH = 32
 
 
 def register(app: typer.Typer) -> None:
@@ -89,6 +90,7 @@ def _print(data: StatusReport) -> None:
     rows = [
         [
             name,
+            _served(a),
             str(a.ready),
             f"{a.in_flight}/{a.max_in_flight}",
             str(a.redelivered),
@@ -96,12 +98,13 @@ def _print(data: StatusReport) -> None:
             str(a.outbox),
             ago(since_iso(a.last_delivery_at, now)),
             ago(since_iso(a.last_ack_at, now)),
+            _short_id(a.oldest_unsettled),
         ]
         for name, a in data.agents.items()
     ]
     if rows:
-        headers = ["agent", "ready", "in flight", "redelivered", "oldest ready", "outbox"]
-        table([*headers, "last delivery", "last ack"], rows)
+        headers = ["agent", "served", "ready", "in flight", "redelivered", "oldest ready"]
+        table([*headers, "outbox", "last delivery", "last ack", "oldest unsettled"], rows)
     else:
         typer.echo("no agents yet")
     typer.echo("")
@@ -138,6 +141,18 @@ def _print(data: StatusReport) -> None:
     )
 
 
+def _served(a: AgentStatus) -> str:
+    """``socket (2)``: served from the daemon's memory by 2 socket consumers; ``files``."""
+    return f"{a.served} ({a.connections})" if a.served == SERVED_SOCKET else a.served
+
+
+def _short_id(message_id: str | None) -> str:
+    # Ids may be 256 characters: keep the table readable (--json has it whole).
+    if message_id is None:
+        return "-"
+    return message_id if len(message_id) <= _ID_WIDTH else message_id[: _ID_WIDTH - 3] + "..."
+
+
 def _rate(r: Rate) -> str:
     if r.one_min is None:
         return "-"
@@ -159,6 +174,10 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """The state of the bus on one screen: daemon, agents, outbox, DLQ, journal, rates.
+
+    Per agent: how it is served (`socket (n)`: by n socket consumers from the
+    daemon's memory; `files`: through inbox/), what is ready and in flight (files
+    and memory together), and the oldest message it has not settled.
 
     Through the daemon when it runs, from the files otherwise (rates and the
     dedupe index are then null). Never reads the journal's contents.

@@ -311,5 +311,10 @@ def effective_recipients(msg: Message, default_recipient: str) -> list[str]:
 
 
 def dedupe_key(msg: Message) -> str:
-    """The key duplicate deliveries are detected by: idempotency_key, else message_id."""
+    """The idempotency_key, else the message_id: what a producer's retries share.
+
+    Not one key space: deduplication keeps message ids and idempotency keys in
+    two separate sets and never compares one with the other (the rule is in
+    :mod:`busd.routing.dedupe` and protocol.md), so this names the value only.
+    """
     return msg.idempotency_key if msg.idempotency_key is not None else msg.message_id

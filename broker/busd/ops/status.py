@@ -3,10 +3,22 @@
 :func:`report` builds it from directory listings alone: it never reads the
 journal's contents or any message, only lists directories and stats a few
 files, so it stays fast on a bus with a large journal and many waiting files.
-What only a running daemon knows (pid, uptime, rates, totals, dedupe index) comes
-in as a :class:`DaemonInfo`; without one those fields are null, and the keys stay
-the same. ``busd status --json``, the ``status`` RPC and the daemon-less path all
-return this one Struct, so they cannot drift apart.
+What only a running daemon knows (pid, uptime, rates, totals, dedupe index, and
+its in-memory queues) comes in as a :class:`DaemonInfo`; without one those fields
+are null, and the keys stay the same.
+
+Each agent's figures add the daemon's memory queue (:class:`QueueInfo`) to its
+files: ``ready`` and ``in_flight`` count inbox files and claims plus memory
+messages ready and in flight; ``served`` is ``"socket"`` while a socket consumer
+serves the agent (``connections`` of them) and ``"files"`` otherwise, and always
+without a daemon (it has no memory: files only). ``oldest_unsettled`` names the
+oldest message the agent has not settled: the oldest of its inbox files and
+claims if it has any (files hold the older part of a queue: a served agent's new
+messages stay in memory, and what is written out is written oldest first), else
+the daemon's oldest memory message.
+
+``busd status --json``, the ``status`` RPC and the daemon-less path all return
+this one Struct, so they cannot drift apart.
 
 This module is on the ``busd status`` start-up path: keep its imports light.
 """
@@ -23,9 +35,12 @@ import msgspec
 
 from busd import __version__
 from busd.config import Config, socket_path
+from busd.store.fsio import list_names
 
 __all__ = [
     "OUTBOX_STALE_S",
+    "SERVED_FILES",
+    "SERVED_SOCKET",
     "AgentStatus",
     "DaemonInfo",
     "DaemonState",
@@ -33,6 +48,7 @@ __all__ = [
     "DlqStatus",
     "JournalStatus",
     "OutboxStatus",
+    "QueueInfo",
     "Rate",
     "Rates",
     "StatusReport",
@@ -70,8 +86,33 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
     dead_lettered: Rate = msgspec.field(default_factory=Rate)
 
 
+SERVED_SOCKET = "socket"
+SERVED_FILES = "files"
+
+
+class QueueInfo(msgspec.Struct, frozen=True):
+    """One agent's in-memory queue in the daemon, and how the agent is served.
+
+    ``served`` is ``"socket"`` (a subscription, or a socket fetch within
+    ``serve_grace_seconds``) or ``"files"``; ``connections`` counts the socket
+    consumers serving it; ``ready`` and ``in_flight`` count memory messages only
+    (not files); ``oldest_unsettled`` is the message id of the oldest memory
+    message not yet settled (ready or in flight), None if there is none.
+    """
+
+    served: str
+    connections: int
+    ready: int
+    in_flight: int
+    oldest_unsettled: str | None = None
+
+
 class DaemonInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """What only a running daemon knows; the daemon passes it to :func:`report`."""
+    """What only a running daemon knows; the daemon passes it to :func:`report`.
+
+    ``queues`` holds one :class:`QueueInfo` per agent with a memory queue or a
+    socket consumer (agents without one are served by files, as without a daemon).
+    """
 
     pid: int
     uptime_s: float
@@ -82,6 +123,7 @@ class DaemonInfo(msgspec.Struct, frozen=True, kw_only=True):
     undelivered: int
     totals: Totals
     rates_per_min: Rates
+    queues: dict[str, QueueInfo] = msgspec.field(default_factory=dict)
 
 
 class DaemonState(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,7 +139,12 @@ class DaemonState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """One agent's mailboxes; times are ISO 8601 UTC."""
+    """One agent's mailboxes and memory queue; times are ISO 8601 UTC.
+
+    ``ready``/``in_flight`` count files plus the daemon's memory messages; ``served``
+    is ``"socket"`` or ``"files"``, with ``connections`` socket consumers;
+    ``oldest_unsettled`` is the message id of the oldest message not yet settled.
+    """
 
     ready: int
     in_flight: int
@@ -108,6 +155,9 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     outbox_oldest_age_s: float | None
     last_delivery_at: str | None
     last_ack_at: str | None
+    served: str = SERVED_FILES
+    connections: int = 0
+    oldest_unsettled: str | None = None
 
 
 class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,16 +221,19 @@ def report(
     now = time.time()
     agents: dict[str, AgentStatus] = {}
     oldest_outbox: float | None = None
-    for agent in layout.agents():
+    queues = daemon.queues if daemon else {}
+    # An agent may have a memory queue before it has any directory.
+    for agent in dict.fromkeys([*layout.agents(), *sorted(queues)]):
         ready = _names(layout.inbox_dir(agent))
         claimed = _names(layout.locks_dir(agent))
         outbox = _names(layout.outbox_dir(agent))
         waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
         if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
             oldest_outbox = waiting
+        queue = queues.get(agent)
         agents[agent] = AgentStatus(
-            ready=len(ready),
-            in_flight=len(claimed),
+            ready=len(ready) + (queue.ready if queue else 0),
+            in_flight=len(claimed) + (queue.in_flight if queue else 0),
             max_in_flight=config.max_in_flight,
             redelivered=sum(1 for n in _delivered(ready) if n[21:24] != "000"),
             oldest_ready_age_s=_oldest_age(ready, now),
@@ -188,6 +241,10 @@ def report(
             outbox_oldest_age_s=_age(waiting, now),
             last_delivery_at=iso_time(_newest_arrival(ready, claimed)),
             last_ack_at=iso_time(_mtime(layout.ledger(agent))),
+            served=queue.served if queue else SERVED_FILES,
+            connections=queue.connections if queue else 0,
+            oldest_unsettled=_oldest_id(ready, claimed)
+            or (queue.oldest_unsettled if queue else None),
         )
     running = daemon is not None or daemon_error is not None
     state = DaemonState(
@@ -297,14 +354,10 @@ def _age(epoch: float | None, now: float) -> float | None:
     return None if epoch is None else round(now - epoch, 3)
 
 
-def _names(path: os.PathLike[str] | str) -> list[str]:
+def _names(path: Path) -> list[str]:
     # Unsorted on purpose: an inbox may hold 100,000 names, and the fixed-width
     # delivery prefix lets min/max find the oldest and newest without a sort.
-    try:
-        with os.scandir(path) as it:
-            return [e.name for e in it if not e.name.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    return list_names(path, sort=False)
 
 
 def _delivered(names: list[str]) -> list[str]:
@@ -317,6 +370,14 @@ def _oldest_age(names: list[str], now: float) -> float | None:
     if not delivered:
         return None
     return max(0.0, round(now - int(min(delivered)[:20]) / 1e9, 3))
+
+
+def _oldest_id(*name_lists: list[str]) -> str | None:
+    """The message id in the delivery name with the smallest arrival key, if any."""
+    oldest = min((n for names in name_lists for n in _delivered(names)), default=None)
+    if oldest is None:
+        return None
+    return oldest[25:].removesuffix(".json")
 
 
 def _newest_arrival(*name_lists: list[str]) -> float | None:

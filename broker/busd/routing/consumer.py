@@ -18,8 +18,16 @@ Synchronous (async callers use worker threads). Contracts:
   back to the inbox under its foreign name when its lease expires.
 * Ack is ledger first: records are appended to ``processed/<a>.jsonl`` (one write,
   one fsync, exclusive lock), then the claims are removed. A message whose
-  ``dedupe_key`` or ``message_id`` is in the ledger is dropped when claimed, so a
+  ``message_id`` is an acked id, or whose ``idempotency_key`` is an acked key (ids
+  match ids, keys match keys: ``ProcessedLedger.acked``), is dropped when claimed, so a
   redelivery never repeats an acknowledged side effect.
+* Receipts (protocol.md 6.8): a claim's receipt is its name in ``locks/<a>/`` without
+  ``.json``, so it names one delivery (the count is in it). Settling, releasing or
+  extending by receipt touches that exact file only. A receipt whose file is gone
+  while the message is held under another claim name (its lease expired and it was
+  handed out again) or is back in the inbox (released, or swept) is stale:
+  :class:`~busd.errors.StaleReceipt`, and nothing changes. A message id means "every
+  current claim of that message" (the CLI and old clients).
 """
 
 from __future__ import annotations
@@ -27,18 +35,18 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from busd.config import Config
-from busd.core.model import Message, check_agent_name, dedupe_key
-from busd.errors import InvalidMessage, InvalidName, NotFound, Reason
+from busd.core.model import Message, check_agent_name
+from busd.errors import InvalidMessage, InvalidName, NotFound, Reason, StaleReceipt
 from busd.routing import intake, refusals
 from busd.routing.intake import Origin, Parcel, Refused, Rules
-from busd.store.fsio import rename_noreplace
+from busd.store.fsio import list_names, rename_noreplace
 from busd.store.layout import Layout, delivery_name, parse_delivery_name
 from busd.store.ledger import LedgerRecord, ProcessedLedger, rfc3339
 from busd.store.mailbox import arrival_clock, ensure_agent_dirs
@@ -69,6 +77,11 @@ class Claim:
     lease_expires_at: datetime
     raw: bytes
 
+    @property
+    def receipt(self) -> str:
+        """The receipt of this delivery: the claim file's name without ``.json``."""
+        return self.name.removesuffix(".json")
+
 
 @dataclass(frozen=True, slots=True)
 class ExpiredReport:
@@ -79,10 +92,8 @@ class ExpiredReport:
 
 
 def _names(directory: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
+    # Hidden names too: busd's own claims of foreign files are `.claim-*`.
+    return list_names(directory, hidden=True)
 
 
 def _peek(rules: Rules, origin: Origin) -> Message | None:
@@ -101,6 +112,16 @@ def _foreign_name(hidden: str) -> str:
 
 def _foreign_origin(agent: str, name: str) -> str | None:
     return f"inbox/{agent}/{_foreign_name(name)}" if name.startswith(_CLAIM_PREFIX) else None
+
+
+def _index_of(locks: Path, names: Iterable[str]) -> dict[str, list[Path]]:
+    """Claimed delivery files by message id (hidden and foreign names left out)."""
+    found: dict[str, list[Path]] = {}
+    for name in names:
+        parsed = parse_delivery_name(name)
+        if parsed is not None:
+            found.setdefault(parsed.message_id, []).append(locks / name)
+    return found
 
 
 def _count(path: Path) -> int:
@@ -190,7 +211,7 @@ class Consumer:
             refusals.dead_letter(self.layout, result, counts=self, delivery_count=count)
             return None
         msg, raw = result.message, result.body
-        if dedupe_key(msg) in self._ledger or msg.message_id in self._ledger:
+        if self._ledger.acked(msg.message_id, msg.idempotency_key):
             # Acked before: dropping the copy is what keeps side effects single.
             os.unlink(dst)
             return None
@@ -229,12 +250,7 @@ class Consumer:
     # -- settling -------------------------------------------------------
 
     def _index(self) -> dict[str, list[Path]]:
-        found: dict[str, list[Path]] = {}
-        for name in _names(self.locks):
-            parsed = parse_delivery_name(name)
-            if parsed is not None:
-                found.setdefault(parsed.message_id, []).append(self.locks / name)
-        return found
+        return _index_of(self.locks, _names(self.locks))
 
     def _find(self, message_id: str) -> list[Path]:
         paths = self._index().get(message_id)
@@ -242,50 +258,123 @@ class Consumer:
             raise NotFound(f"{self.agent_id} holds no claim on {message_id}", message_id=message_id)
         return paths
 
-    def ack(self, message_ids: Iterable[str]) -> int:
-        """Record the claimed messages as processed, then remove their claims.
+    def _resolve(
+        self, receipts: Iterable[str], index: dict[str, list[Path]]
+    ) -> tuple[dict[str, Path], list[str], list[str]]:
+        """(held: receipt -> its claim file, stale receipts, receipts not held at all)."""
+        held: dict[str, Path] = {}
+        stale: list[str] = []
+        not_held: list[str] = []
+        in_inbox: set[str] | None = None
+        for receipt in dict.fromkeys(receipts):
+            parsed = parse_delivery_name(f"{receipt}.json")
+            if parsed is None:
+                not_held.append(receipt)  # not the receipt grammar: it names no delivery
+                continue
+            path = self.locks / f"{receipt}.json"
+            claims = index.get(parsed.message_id, [])
+            if path in claims:
+                held[receipt] = path
+                continue
+            if in_inbox is None:
+                in_inbox = set(_index_of(self.inbox, _names(self.inbox)))
+            if claims or parsed.message_id in in_inbox:
+                stale.append(receipt)  # handed out again, or back in the queue
+            else:
+                not_held.append(receipt)  # acked, dead-lettered, or never ours
+        return held, stale, not_held
 
-        Every claimed copy of an id is removed. Ids without a claim are skipped
-        (also when already in the ledger). Returns how many ids were acked.
+    def _stale(self, stale: Sequence[str]) -> StaleReceipt:
+        return StaleReceipt(
+            f"{self.agent_id}: receipt {', '.join(stale)} names a delivery that is no longer "
+            "current (its lease expired and it was delivered again, or it was released)",
+            receipts=list(stale),
+        )
+
+    def _claim_of(self, message_id: str | None, receipt: str | None) -> list[Path]:
+        """The claim files one release/extend acts on: the receipt's, or every copy of an id."""
+        if receipt is None:
+            if message_id is None:
+                raise TypeError("name a message_id or a receipt")
+            return self._find(message_id)
+        held, stale, _ = self._resolve([receipt], self._index())
+        if stale:
+            raise self._stale(stale)
+        path = held.get(receipt)
+        if path is None or (message_id is not None and not receipt.endswith(f"-{message_id}")):
+            raise NotFound(f"{self.agent_id} holds no delivery {receipt}", receipt=receipt)
+        return [path]
+
+    def settle(
+        self, *, message_ids: Iterable[str] = (), receipts: Iterable[str] = ()
+    ) -> tuple[int, list[str]]:
+        """Record claimed messages as processed (ledger first), then remove their claims.
+
+        A receipt settles the claim file of that exact name; a message id settles
+        every claimed copy of that message. If any receipt is stale (module
+        docstring), StaleReceipt is raised before anything is written. Returns
+        (messages acked, the ids and receipts this agent does not hold); one not
+        held is skipped, also when it is already in the ledger.
         """
         index = self._index()
-        now = rfc3339(time.time())
-        records: list[LedgerRecord] = []
-        paths: list[Path] = []
+        held, stale, not_held = self._resolve(receipts, index)
+        if stale:
+            raise self._stale(stale)
+        targets: dict[str, dict[Path, None]] = {}
+        for path in held.values():
+            parsed = parse_delivery_name(path.name)
+            assert parsed is not None  # _resolve parsed it
+            targets.setdefault(parsed.message_id, {})[path] = None
         for mid in dict.fromkeys(message_ids):
             found = index.get(mid)
             if not found:
+                not_held.append(mid)
                 continue
-            msg = _peek(self._rules, self._origin(found[0]))
+            targets.setdefault(mid, {}).update(dict.fromkeys(found))
+        now = rfc3339(time.time())
+        records: list[LedgerRecord] = []
+        for mid, paths in targets.items():
+            msg = _peek(self._rules, self._origin(next(iter(paths))))
             key = msg.idempotency_key if msg is not None else None
             records.append(LedgerRecord(message_id=mid, idempotency_key=key, acked_at=now))
-            paths.extend(found)
         self._ledger.add_many(records)
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # the sweep returned it; the ledger makes the next claim drop it
-        return len(records)
+        for paths in targets.values():
+            for path in paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass  # the sweep returned it; the ledger makes the next claim drop it
+        return len(records), not_held
 
-    def release(self, message_id: str, *, delay_s: float = 0) -> None:
+    def ack(self, message_ids: Iterable[str]) -> int:
+        """:meth:`settle` by message ids (every claimed copy); returns how many were acked."""
+        return self.settle(message_ids=message_ids)[0]
+
+    def release(
+        self, message_id: str | None = None, *, receipt: str | None = None, delay_s: float = 0
+    ) -> None:
         """Give a claim back (nack); the delivery count is kept in the name.
 
-        ``delay_s`` <= 0: back to the inbox at once. ``delay_s`` > 0: it stays in
-        ``locks/`` with its lease expiry set to now + ``delay_s``, and the lease
-        sweep (:func:`return_expired`) returns it then. NotFound if not held.
+        Names the claim by ``receipt`` (that delivery only; StaleReceipt if it is no
+        longer current) or by ``message_id`` (every claimed copy). ``delay_s`` <= 0:
+        back to the inbox at once. ``delay_s`` > 0: it stays in ``locks/`` under its
+        name with its lease expiry set to now + ``delay_s``, and the lease sweep
+        (:func:`return_expired`) returns it then. NotFound if not held.
         """
-        for path in self._find(message_id):
+        for path in self._claim_of(message_id, receipt):
             if delay_s > 0:
                 self._lease(path, time.time() + delay_s)
             else:
-                with self._held(message_id):
+                with self._held(path.name):
                     _return_to_inbox(self.layout, self.agent_id, path, path.name)
 
-    def extend(self, message_id: str, lease_s: float) -> datetime:
-        """Set the claim's lease to expire ``lease_s`` from now; NotFound if not held."""
+    def extend(
+        self, message_id: str | None = None, *, receipt: str | None = None, lease_s: float
+    ) -> datetime:
+        """Set the claim's lease to expire ``lease_s`` from now, naming it by receipt or
+        message id as :meth:`release` does; NotFound if not held."""
         expiry = time.time() + lease_s
-        for path in self._find(message_id):
+        for path in self._claim_of(message_id, receipt):
             self._lease(path, expiry)
         return datetime.fromtimestamp(expiry, UTC)
 

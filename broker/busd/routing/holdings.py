@@ -7,7 +7,10 @@ and reads its processed ledger once, so a question costs a dictionary lookup
 read: start-up stays quick with large ledgers and full inboxes.
 
 A snapshot: files that appear after an agent's first question are not seen,
-which is what recovery wants (it asks once per message id).
+which is what recovery wants (it asks once per message id). The ledger is read
+right after the directories are listed, so a message a consumer acked and
+removed meanwhile is seen in one or the other (an ack appends to the ledger
+before it removes the claim).
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ import contextlib
 import os
 from pathlib import Path
 
+import msgspec
+
 from busd.config import Config
 from busd.core.codec import decode
-from busd.core.model import Message, dedupe_key
+from busd.core.model import Message
 from busd.errors import InvalidMessage
-from busd.store.fsio import read_limited
+from busd.store.fsio import list_names, read_limited
 from busd.store.layout import parse_delivery_name
-from busd.store.ledger import ProcessedLedger
+from busd.store.ledger import LedgerRecord
 
 __all__ = ["Holdings"]
+
+_ledger_decoder = msgspec.json.Decoder(LedgerRecord)
 
 
 class Holdings:
@@ -33,7 +40,7 @@ class Holdings:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._files: dict[str, dict[str, list[Path]]] = {}
-        self._ledgers: dict[str, ProcessedLedger] = {}
+        self._acked: dict[str, tuple[set[str], set[str]]] = {}  # agent -> (ids, keys)
 
     def has(self, agent: str, msg: Message, size: int | None = None) -> bool:
         """Whether ``agent`` has ``msg``: ready, claimed (of ``size`` bytes), or acked.
@@ -41,15 +48,24 @@ class Holdings:
         A delivery file of the wrong size that does not decode was torn by a
         power cut before it was synced: it is removed, and the answer is False.
         """
-        for path in self._held(agent).get(msg.message_id, ()):
+        return self.holds(agent, msg.message_id, key=msg.idempotency_key, size=size)
+
+    def holds(
+        self, agent: str, message_id: str, *, key: str | None = None, size: int | None = None
+    ) -> bool:
+        """:meth:`has` by the message's id and idempotency key, without decoding it.
+
+        What the journal fold asks (:func:`busd.routing.fold.replay`): an ``accepted``
+        line names both, and its raw message gives ``size``.
+        """
+        for path in self._held(agent).get(message_id, ()):
             if size is None or _size(path) == size or _complete(path, self._config):
                 return True
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        ledger = self._ledgers.get(agent)
-        if ledger is None:
-            ledger = self._ledgers[agent] = ProcessedLedger(self._config.layout.ledger(agent))
-        return dedupe_key(msg) in ledger or msg.message_id in ledger
+        ids, keys = self._acked[agent]
+        # Two key spaces: an id matches acked ids only, a key acked keys only.
+        return message_id in ids or (key is not None and key in keys)
 
     def _held(self, agent: str) -> dict[str, list[Path]]:
         held = self._files.get(agent)
@@ -61,14 +77,32 @@ class Holdings:
                     parsed = parse_delivery_name(name)
                     if parsed is not None:
                         held.setdefault(parsed.message_id, []).append(directory / name)
+            self._acked[agent] = _read_ledger(layout.ledger(agent))
         return held
 
 
-def _names(directory: Path) -> list[str]:
+def _read_ledger(path: Path) -> tuple[set[str], set[str]]:
+    """The acked ids and keys of a ledger, read once (protocol.md 6.4: lines that do not
+    decode, and a last line without its newline, are skipped)."""
+    ids: set[str] = set()
+    keys: set[str] = set()
     try:
-        return os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ids, keys
+    for line in data[: data.rfind(b"\n") + 1].split(b"\n"):
+        try:
+            rec = _ledger_decoder.decode(line)
+        except msgspec.DecodeError:
+            continue  # empty, or a torn line glued to garbage
+        ids.add(rec.message_id)
+        if rec.idempotency_key is not None:
+            keys.add(rec.idempotency_key)
+    return ids, keys
+
+
+def _names(directory: Path) -> list[str]:
+    return list_names(directory, hidden=True, sort=False)
 
 
 def _size(path: Path) -> int:

@@ -2,8 +2,12 @@
 
 :func:`route_pending` does, in one process and under the bus lock, what a
 daemon does over its lifetime: recover what a crashed router left, route every
-waiting file, and checkpoint so its deliveries are durable. When a daemon (or
-another pass) holds the lock it does nothing: that holder routes.
+waiting file, and checkpoint so its deliveries are durable. Recovery writes as
+inbox files every message a killed daemon held in memory and did not see
+settled: what the journal after the checkpoint records as acked or
+dead-lettered by a consumer stays settled
+(:func:`busd.routing.recovery.recover_deliveries`). When a daemon (or another
+pass) holds the lock it does nothing: that holder routes.
 """
 
 from __future__ import annotations

@@ -1,35 +1,56 @@
-"""The journal as a write-ahead log: checkpoints and delivery recovery.
+"""The journal as a write-ahead log: checkpoints, delivery recovery, the start-up rebuild.
 
-An accepted message is durable once its journal entry is fsynced; the inbox
-files are a view of the journal. To keep routing fast, deliveries are not
-fsynced one by one. Instead, a *checkpoint* periodically makes every delivery
-so far durable (fsync of the files and their directories) and then records
-the journal position it covers in ``journal/checkpoint``.
+An accepted message is durable once its journal entry is fsynced; inbox files
+and the daemon's in-memory queues are views of the journal. To keep routing fast,
+deliveries are not fsynced one by one. Instead, a *checkpoint* periodically makes
+every delivery so far durable (fsync of the files and their directories) and then
+records the journal position it covers in ``journal/checkpoint``; the daemon never
+lets it pass the oldest message its memory queues still hold
+(:meth:`busd.routing.queues.Queues.low_water`).
 
-At start-up, :func:`recover_deliveries` re-reads only the entries after the
-checkpoint and re-delivers any accepted message a recipient lacks (not ready,
-not claimed with its full size, not acked, not dead-lettered). So a crash, or
-a power cut, at any instant loses no accepted message, and the work after a
-restart is bounded by what arrived since the last checkpoint.
+Both readers below fold the entries after the checkpoint with
+:func:`busd.routing.fold.replay`, so a message settled in the journal after the
+checkpoint (``acked``, or dead-lettered by a consumer, for that agent) is never
+written out again, and a ``delivered`` count survives:
+
+- :func:`recover_deliveries` (the daemon-less pass, a daemon after a failed pass)
+  writes an inbox file for every unsettled message a recipient lacks (not ready, not
+  claimed with its full size, not acked, not in the DLQ for it, not in the live queues
+  it is given), then checkpoints;
+- :func:`rebuild` (the daemon's start-up) returns the memory queues of the agents it
+  serves and the list of messages that must become files; it writes nothing.
+
+So a crash, or a power cut, at any instant loses no accepted message, and the work
+after a restart is bounded by what arrived since the last checkpoint.
 """
 
 from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Container, Iterator, Sequence
+from pathlib import Path
 
 import msgspec
 import structlog
 
 from busd.core.codec import decode
-from busd.errors import InvalidMessage
+from busd.errors import InvalidMessage, NotFound, Reason
+from busd.routing.fold import Pending, Replayed, replay
 from busd.routing.holdings import Holdings
+from busd.routing.queues import Queues
 from busd.routing.router import Router
 from busd.store import dlq
 from busd.store.fsio import replace_durable
-from busd.store.journal import START, Position
+from busd.store.journal import START, JournalEntry, Position
+from busd.store.mailbox import arrival_clock, deliver, sync_dirs
 
 __all__ = [
     "read_checkpoint",
+    "rebuild",
     "recover_deliveries",
     "write_checkpoint",
+    "write_out",
 ]
 
 _log = structlog.get_logger("busd.recovery")
@@ -60,41 +81,124 @@ def write_checkpoint(router: Router) -> Position:
     return position
 
 
-def recover_deliveries(router: Router) -> int:
-    """Re-deliver accepted messages after the checkpoint that a recipient lacks.
+class _Held:
+    """``holds`` for the fold: what a recipient has as a file, is dead-lettered for, or
+    (in a running daemon) holds in its live queues. One :class:`Holdings` per pass; the
+    DLQ is listed at most once, and only if some message is not held otherwise."""
+
+    def __init__(self, router: Router, live: Queues | None) -> None:
+        self._holdings = Holdings(router.config)
+        self._layout = router.layout
+        self._live = live
+        self._dead: set[tuple[str | None, str]] | None = None
+
+    def __call__(self, agent: str, entry: JournalEntry) -> bool:
+        mid = entry.message_id
+        assert mid is not None and entry.message is not None  # replay asks only for these
+        if self._live is not None and self._live.holds(agent, mid):
+            return True
+        size = len(entry.message)  # the body's length: encode_entry keeps it
+        if self._holdings.holds(agent, mid, key=entry.idempotency_key, size=size):
+            return True
+        if self._dead is None:
+            records = (e.record for e in dlq.list_entries(self._layout))
+            self._dead = {(r.recipient, r.message_id) for r in records if r.message_id}
+        # An entry without a recipient (an intake refusal of that id) counts for everyone,
+        # as before there were recipients in reason records.
+        return (agent, mid) in self._dead or (None, mid) in self._dead
+
+
+def _fold(
+    router: Router, memory: Container[str] | Callable[[str], bool], live: Queues | None
+) -> Replayed:
+    start = read_checkpoint(router)
+    with _collector_paused():
+        spans = router.journal.read_spans(start)
+        return replay(spans, memory_agents=memory, holds=_Held(router, live))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: the fold keeps a few hundred thousand new
+    objects (refs, queue slots), none in a cycle, and each collection would scan them all
+    again (measured: 1.45 s -> 0.95 s for 100,000 messages). Reference counting still
+    frees everything else; the collector resumes (if it ran before) right after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def rebuild(router: Router, *, served: Container[str] | Callable[[str], bool]) -> Replayed:
+    """The daemon's start-up state, from the journal after the checkpoint.
+
+    ``served`` names the agents to keep in memory (a container or a predicate): their
+    unsettled messages are in ``result.queues``, all ready (no lease survives a
+    restart), with the counts of their ``delivered`` lines. Every other recipient's
+    unsettled message that it does not hold as a file is in ``result.files``, in
+    journal order, for :func:`write_out`. Writes nothing and does not move
+    ``router.delivered``: until those files exist, the caller must not checkpoint past
+    ``result.files_from`` (nor, ever, past ``result.queues.low_water()``).
+
+    Blocking (reads the journal, lists each recipient's inbox and locks once and reads
+    its ledger): run it in a worker thread, before the commit and delivery lanes start.
+    """
+    result = _fold(router, served, None)
+    _log.info(
+        "queues_rebuilt",
+        memory=sum(result.queues.ready(a) for a in result.queues.agents()),
+        files=len(result.files),
+    )
+    return result
+
+
+def write_out(router: Router, pending: Sequence[Pending]) -> list[Path]:
+    """Write ``pending`` as inbox files, in order: each under a fresh arrival key with its
+    delivery count, its bytes read back from the journal (:meth:`Journal.read_at`).
+
+    Entries whose message no longer decodes (written by a future version, say), or
+    whose segment is gone, are skipped and logged. The files and their directories are
+    fsynced before this returns (when ``config.fsync``), so a checkpoint may then cover
+    them. Blocking: run it in a worker thread.
+    """
+    layout, written = router.layout, []
+    for agent, ref, deliveries in pending:
+        try:
+            entry = router.journal.read_at(ref.position, ref.length)
+            if entry.message is None or entry.message_id != ref.message_id:
+                raise InvalidMessage(Reason.SCHEMA, "not the accepted line of this message")
+            body = bytes(entry.message)
+            decode(body)
+        except (InvalidMessage, NotFound) as exc:
+            _log.warning("journal_entry_skipped", message_id=ref.message_id, error=str(exc))
+            continue
+        arrival = arrival_clock.next()
+        written.append(
+            deliver(layout, agent, body, ref.message_id, deliveries=deliveries, arrival=arrival)
+        )
+        _log.info("message_recovered_from_journal", message_id=ref.message_id, to=[agent])
+    if written and router.config.fsync:
+        sync_dirs(written)
+    return written
+
+
+def recover_deliveries(router: Router, *, live: Queues | None = None) -> int:
+    """Write an inbox file for every unsettled message after the checkpoint that a
+    recipient lacks, then checkpoint.
 
     Must run with no ``commit`` or ``finish`` in flight: afterwards everything
-    journaled counts as delivered.
+    journaled counts as delivered. A message settled later in the journal (``acked``,
+    or dead-lettered by a consumer, for that recipient) is not written again. A running
+    daemon passes its ``live`` queues: what they hold is held, not missing.
 
-    Returns how many deliveries were made again. Entries whose message no
-    longer decodes (written by a future version, say) are skipped and logged.
+    Returns how many deliveries were made again. Entries whose message no longer
+    decodes (written by a future version, say) are skipped and logged.
     """
-    start = read_checkpoint(router)
-    holdings = Holdings(router.config)
-    dead: set[str] | None = None
-    redelivered = 0
-    for entry, _ in router.journal.read_from(start):
-        if entry.event != "accepted" or entry.message is None or not entry.to:
-            continue
-        if entry.source and entry.source.startswith("inbox/"):
-            continue  # delivered in place; a leftover foreign file is re-routed by the scan
-        body = bytes(entry.message)
-        try:
-            msg = decode(body)
-        except InvalidMessage as exc:
-            _log.warning("journal_entry_skipped", message_id=entry.message_id, error=str(exc))
-            continue
-        missing = [r for r in entry.to if not holdings.has(r, msg, len(body))]
-        if not missing:
-            continue
-        if dead is None:
-            entries = dlq.list_entries(router.layout)
-            dead = {e.record.message_id for e in entries if e.record.message_id is not None}
-        if msg.message_id in dead:
-            continue
-        router.deliver_again(msg, body, missing)
-        redelivered += len(missing)
-        _log.info("message_recovered_from_journal", message_id=msg.message_id, to=missing)
+    result = _fold(router, (), live)
+    redelivered = len(write_out(router, result.files))
     router.mark_all_delivered()
     write_checkpoint(router)
     return redelivered

@@ -112,7 +112,9 @@ def dead_letter(
         event="dead_lettered",
         at=at if at is not None else datetime.now(UTC),
         source=origin.journal_source,
-        agent=origin.sender,
+        # A consumer-side dead letter settles the message for the agent that held it (the
+        # journal fold reads it so); any other refusal names who sent it.
+        agent=origin.recipient if origin.kind == "claim" else origin.sender,
         reason=reason.value,
         detail=detail,
         to=[name],

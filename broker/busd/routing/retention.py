@@ -24,6 +24,7 @@ import msgspec
 
 from busd.config import Config
 from busd.store import dlq
+from busd.store.fsio import scan_entries
 from busd.store.journal import Journal
 from busd.store.ledger import ProcessedLedger
 
@@ -58,13 +59,13 @@ def gc(config: Config, *, journal: Journal | None = None, now: float | None = No
     finally:
         if own:
             j.close()
-    for entry in _scandir(layout.processed):
+    for entry in scan_entries(layout.processed):
         if entry.name.endswith(".jsonl") and not entry.name.startswith("."):
             ledger = ProcessedLedger(layout.processed / entry.name)
             report.ledger_records += ledger.compact(config.dedupe_window_seconds, now=now)
     if config.dlq_max_age_seconds is not None:
         report.dlq_entries = dlq.purge(layout, older_than_s=config.dlq_max_age_seconds, now=now)
-    for entry in _scandir(layout.tmp):
+    for entry in scan_entries(layout.tmp):
         try:
             if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE_S:
                 os.unlink(entry.path)
@@ -72,11 +73,3 @@ def gc(config: Config, *, journal: Journal | None = None, now: float | None = No
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             continue
     return report
-
-
-def _scandir(path: os.PathLike[str]) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except FileNotFoundError:
-        return []

@@ -2,24 +2,23 @@
 
 One :meth:`Router.route` call handles a batch of files as one group commit:
 
-1. admit each file and socket publish through the one door,
-   :mod:`busd.routing.intake`; a refused one leaves through the one way out,
-   :mod:`busd.routing.refusals` (DLQ entry, ``dead_lettered`` journal line, count);
+1. admit each file and publish through :mod:`busd.routing.intake`; a refused one
+   leaves through :mod:`busd.routing.refusals` (DLQ entry, journal line, count);
 2. drop duplicates (dedupe key already accepted within the window);
 3. append every outcome to the journal in ONE write and ONE fsync: from this
    point an accepted message is durable, and its ``outbox/`` source is removed;
-4. deliver to each recipient's inbox (:meth:`Router.finish`); a checkpoint
-   later fsyncs those files and directories in bulk.
+4. deliver to each recipient's inbox (:meth:`Router.finish`; a checkpoint later
+   fsyncs the files in bulk). A recipient the caller says is *served* (a socket
+   consumer takes it from the daemon's memory) gets no file but a :class:`Kept`
+   naming the message's journal line (from ``Journal.append_at``).
 
-Steps 1-3 are :meth:`Router.commit`, step 4 :meth:`Router.finish`. The daemon
-runs them in two lanes, so the next batch is journaled while the last one's
-inbox files are written. A crash after step 3 loses nothing: the journal after
-the last checkpoint is replayed at start-up (:mod:`busd.routing.recovery`). A crash
-between the fsync and the removal of a source leaves the file to be seen again:
-the dedupe index remembers the path each key was accepted from, so a file seen
-again at that same path is a *redo* (deliver to whichever recipient lacks it),
-not a duplicate. The daemon calls these from worker threads; the daemon-less
-CLI calls :func:`busd.routing.offline.route_pending`.
+Steps 1-3 are :meth:`Router.commit`, step 4 :meth:`Router.finish`, run by the
+daemon in two lanes. A crash after step 3 loses nothing: the journal after the
+checkpoint is replayed at start-up (:mod:`busd.routing.recovery`). A file seen
+again at the path its key was accepted from (a crash before its removal) is a
+*redo* (deliver to whichever recipient lacks it), not a duplicate. The daemon
+calls these from worker threads; the daemon-less CLI uses
+:func:`busd.routing.offline.route_pending`.
 
 Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 """
@@ -27,32 +26,51 @@ Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 from __future__ import annotations
 
 import os
+import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import msgspec
 import structlog
 
 from busd.config import Config
-from busd.core.model import Message, check_agent_name, dedupe_key
+from busd.core.model import Message, check_agent_name
 from busd.errors import BusdError
 from busd.routing import intake, refusals
-from busd.routing.dedupe import DedupeIndex
+from busd.routing.dedupe import DedupeIndex, KeySpaces
 from busd.routing.holdings import Holdings
 from busd.routing.intake import Origin, Parcel, Refused, Rules
-from busd.store.fsio import rename_noreplace
+from busd.store.fsio import list_names, rename_noreplace
 from busd.store.journal import START, Journal, JournalEntry, Position
 from busd.store.layout import delivery_name, parse_delivery_name
 from busd.store.mailbox import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
 
-__all__ = ["Batch", "Incoming", "RouteReport", "Router"]
+__all__ = ["Batch", "Held", "Incoming", "Kept", "RouteReport", "Router", "Served"]
 
 _log = structlog.get_logger("busd.router")
 _BATCH = 512
+
+_Jobs = list[tuple[str, bytes, str, str]]  # (agent, body, message_id, arrival)
+_Out = tuple[list[JournalEntry], "RouteReport", datetime]  # where refusals and lines go
+Served = Callable[[str], bool]
+"""Whether an agent is socket-served (its messages stay in memory, no inbox file)."""
+Held = Callable[[str, str], bool]
+"""Whether ``(agent, message_id)`` is the daemon's memory's to deliver (no file for it)."""
+
+
+class Kept(NamedTuple):
+    """An accepted message kept in memory for a served ``agent``: its journal line."""
+
+    agent: str
+    message_id: str
+    key: str | None
+    position: Position
+    length: int
 
 
 class RouteReport(msgspec.Struct, kw_only=True):
@@ -64,26 +82,27 @@ class RouteReport(msgspec.Struct, kw_only=True):
     dead_lettered: int = 0
     redone: int = 0
     recipients: set[str] = msgspec.field(default_factory=set)
+    kept: list[Kept] = msgspec.field(default_factory=list)
+    """Deliveries :meth:`Router.finish` left to the daemon's memory (served agents)."""
 
     def add(self, other: RouteReport) -> None:
-        """Add ``other``'s counts to these (``recipients`` is a union)."""
+        """Add ``other``'s counts to these (``recipients`` is a union, ``kept`` joined)."""
         for f in self.__struct_fields__:
             if f == "recipients":
                 self.recipients |= other.recipients
+            elif f == "kept":
+                self.kept.extend(other.kept)
             else:
                 setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
 @dataclass(slots=True)
 class Incoming:
-    """A socket publish handed to :meth:`Router.commit`: its bytes and sender.
+    """A socket publish for :meth:`Router.commit` (its bytes, or a decoded ``message``).
 
-    ``commit`` admits it through :data:`busd.routing.intake.SOCKET` in its
-    worker thread (decoded there, never on the event loop) and sets ``outcome``:
-    ``"accepted"``, ``"duplicate"``, or the :class:`BusdError` that refused it
-    (dead-lettered, journaled and counted in that batch's report). ``message``
-    is the decoded message afterwards (None if it did not decode). An
-    in-process caller may hand a decoded ``message`` instead of ``raw``.
+    ``commit`` admits it in its worker thread and sets ``outcome``: ``"accepted"``,
+    ``"duplicate"``, or the :class:`BusdError` that refused it (dead-lettered,
+    journaled, counted); ``message`` is then the decoded message, if it decoded.
     """
 
     message: Message | None = None
@@ -107,10 +126,7 @@ class Batch:
 
     @property
     def size(self) -> int:
-        """About the bytes this batch holds until :meth:`Router.finish` (for back-pressure).
-
-        Each message is held twice: its JSON body and the decoded message.
-        """
+        """About the bytes held until :meth:`Router.finish` (body + decoded message)."""
         return sum(2 * len(i.body) for i in (*self.accepted, *self.redo))
 
 
@@ -122,6 +138,8 @@ class _Item:
     rel: str | None
     path: Path | None
     incoming: Incoming | None
+    position: Position = START  # start of its `accepted` line (set by commit)
+    length: int = 0  # bytes of that line, newline included
 
 
 class Router:
@@ -141,15 +159,15 @@ class Router:
         )
         self.dedupe = DedupeIndex.rebuild(self.journal, config.dedupe_window_seconds)
         self._position: Position = self.journal.end_position()
-        # The journal position up to which every accepted message was delivered
-        # (files written, maybe not yet synced): what a checkpoint may cover.
+        # Up to here every accepted message is delivered (maybe unsynced).
         self._delivered: Position = self._position
         self._unsynced: list[Path] = []
-        # Ids from outbox files committed but not yet delivered by finish(): the
-        # same file dropped again meanwhile is a duplicate, not a redo (which would
-        # deliver twice). A foreign inbox file stays a redo: finish() renames it in
-        # place, so it must not be removed as a duplicate while it waits.
+        # Outbox ids committed, not yet finished: the same file dropped again meanwhile
+        # is a duplicate, not a redo (a foreign inbox file stays a redo: it is renamed
+        # in place, so it must not be removed as a duplicate while it waits).
         self._in_flight: set[str] = set()
+        self.checkpoint_limit: Position | None = None
+        """The latest position :meth:`checkpoint` may return (None: no limit)."""
 
     def __enter__(self) -> Router:
         return self
@@ -176,16 +194,8 @@ class Router:
         return {topic: list(agents) for topic, agents in self._rules.subscriptions.items()}
 
     def reconfigure(self, config: Config, subscriptions: dict[str, list[str]]) -> None:
-        """Route by ``config`` and ``subscriptions`` from the next :meth:`commit` on.
-
-        Safe from any thread, at any time: the config and the topic map are
-        built into one immutable :class:`~busd.routing.intake.Rules` and
-        published with one reference store, and each :meth:`commit` reads that
-        reference once, at its start. A commit already running finishes under
-        the old rules; the next one sees the new ones, never a mix. The dedupe
-        window is read only by ``dedupe.expire()`` (never by a commit), which
-        reads it once. The root (hence the layout) must not change.
-        """
+        """Route by these from the next :meth:`commit` on; safe from any thread, at any
+        time (one immutable :class:`Rules`, read once per commit). Same root only."""
         check_agent_name(config.default_recipient, "default_recipient")
         self._rules = Rules(config, subscriptions)
         self.dedupe.window_s = config.dedupe_window_seconds
@@ -205,18 +215,13 @@ class Router:
         """Deliveries written since the last :meth:`sync` (not a copy: do not keep it)."""
         return self._unsynced
 
-    def needs_checkpoint(self, since: Position) -> bool:
-        """Whether a checkpoint would cover more than one taken at ``since``."""
-        return bool(self._unsynced) or self._delivered != since
-
     def checkpoint(self) -> Position:
-        """Make every delivery so far durable; the position a checkpoint may now record.
-
-        Run in the delivery lane (no :meth:`finish` in flight), so that the
-        position covers exactly the deliveries just synced.
-        """
+        """Sync every delivery so far; the position a checkpoint may now record (in the
+        delivery lane). Never past :attr:`checkpoint_limit`: the daemon's oldest
+        unsettled memory message has no file; a restart rebuilds it from the journal."""
         self.sync()
-        return self._delivered
+        limit = self.checkpoint_limit
+        return self._delivered if limit is None else min(self._delivered, limit)
 
     def mark_all_delivered(self) -> None:
         """Everything journaled is delivered (recovery re-delivered what was missing)."""
@@ -259,54 +264,46 @@ class Router:
     # -- routing ----------------------------------------------------------
 
     def route(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> RouteReport:
-        """Route one batch of files and in-memory messages as one group commit.
-
-        The same as :meth:`commit` followed by :meth:`finish`.
-        """
+        """:meth:`commit` then :meth:`finish` one batch of files and publishes."""
         batch = self.commit(paths, incoming)
         report = batch.report
         report.add(self.finish(batch))
         return report
 
-    def commit(self, paths: Sequence[Path], incoming: Sequence[Incoming] = ()) -> Batch:
+    def commit(
+        self,
+        paths: Sequence[Path],
+        incoming: Sequence[Incoming] = (),
+        records: Sequence[JournalEntry] = (),
+    ) -> Batch:
         """Admit, deduplicate and journal a batch: ONE journal write and fsync.
 
-        Every file and every :class:`Incoming` passes :mod:`busd.routing.intake`;
-        a refused one is dead-lettered through :mod:`busd.routing.refusals`,
-        journaled ``dead_lettered`` in this same write and counted in
-        ``batch.report``. When this returns, every accepted message is durable,
-        its ``outbox/`` source is gone, and each :class:`Incoming` has its
-        ``outcome``. Deliveries wait for :meth:`finish`, which may run in another
-        thread while the next ``commit`` does (never two ``finish`` or two
-        ``commit`` at once).
+        A refused file or publish is dead-lettered, journaled in this same write and
+        counted in ``batch.report``; ``records`` (the daemon's ``acked``,
+        ``delivered``, ``dead_lettered`` lines) ride after the batch's own. On
+        return every accepted message is durable, its ``outbox/`` source gone, and
+        each :class:`Incoming` has its ``outcome``. :meth:`finish` may run in
+        another thread meanwhile (never two of either at once).
         """
         rules = self._rules  # once: a concurrent reconfigure never mixes two configs in a batch
         batch = Batch()
         removals: list[Path] = []
         report = batch.report
         entries: list[JournalEntry] = []
-        keys: set[str] = set()
+        keys = KeySpaces()
         now = datetime.now(UTC)
-        items = [
-            i for p in paths if (i := self._admit_file(rules, p, entries, report, now)) is not None
-        ]
-        for inc in incoming:
-            if (item := self._admit_publish(rules, inc, entries, report, now)) is not None:
-                items.append(item)
+        out = (entries, report, now)
+        items = [i for p in paths if (i := self._admit_file(rules, p, out)) is not None]
+        items += [i for inc in incoming if (i := self._admit_publish(rules, inc, out)) is not None]
         for item in items:
-            key = dedupe_key(item.msg)
+            key = item.msg.idempotency_key
             mid = item.msg.message_id
-            # message ids are unique by contract: a second message with a seen id is a
-            # duplicate even under another idempotency key (it would share file names).
-            seen = self.dedupe.get(key) or self.dedupe.get(mid)
-            if (
-                item.rel is not None
-                and seen is not None
-                and seen.source == item.rel
-                and mid not in self._in_flight
-            ):
+            # ids match ids, keys match keys (busd.routing.dedupe states the rule).
+            seen = self.dedupe.find(mid, key)
+            same_file = seen is not None and item.rel is not None and seen.source == item.rel
+            if same_file and mid not in self._in_flight:
                 batch.redo.append(item)
-            elif seen is not None or key in keys or mid in keys:
+            elif seen is not None or keys.seen(mid, key):
                 entries.append(_entry("duplicate", now, item.msg, item.rel, item.recipients))
                 report.duplicates += 1
                 if item.path is not None:
@@ -314,18 +311,21 @@ class Router:
                 if item.incoming is not None:
                     item.incoming.outcome = "duplicate"
             else:
-                keys.update((key, mid))
+                keys.add(mid, key)
                 entry = _entry("accepted", now, item.msg, item.rel, item.recipients)
+                item.length = len(entries)  # its line's index, until the append says more
                 entries.append(msgspec.structs.replace(entry, message=msgspec.Raw(item.body)))
                 batch.accepted.append(item)
-        if entries:
-            self._position = self.journal.append(entries)
+        if entries or records:
+            spans = self.journal.append_at([*entries, *records])
+            for item in batch.accepted:
+                item.position, item.length = spans[item.length]
+            last, size = spans[-1]
+            self._position = Position(last.segment, last.offset + size)
         batch.position = self._position
         stamp = time.time()
         for item in batch.accepted:
-            self.dedupe.add(dedupe_key(item.msg), item.msg.message_id, item.rel, stamp)
-            if item.msg.idempotency_key is not None:
-                self.dedupe.add(item.msg.message_id, item.msg.message_id, item.rel, stamp)
+            self.dedupe.add(item.msg.message_id, item.msg.idempotency_key, item.rel, stamp)
             if item.incoming is not None:
                 item.incoming.outcome = "accepted"
                 item.incoming = None  # its raw bytes need not wait for finish()
@@ -340,26 +340,30 @@ class Router:
             _log.debug("batch_committed", accepted=len(batch.accepted))
         return batch
 
-    def finish(self, *batches: Batch) -> RouteReport:
+    def finish(
+        self, *batches: Batch, served: Served | None = None, held: Held | None = None
+    ) -> RouteReport:
         """Deliver committed batches, in commit order, as one pass.
 
-        Returns what only this step adds (``redone``, ``recipients``); the
-        counts of what was accepted are in each ``batch.report`` from :meth:`commit`.
-
-        Names (arrival keys) are drawn in commit order, so listing an inbox gives
-        arrival order. (A pool of writer threads was tried: on 2 cores its lock
-        hand-offs halved throughput once file creation was cheap.)
+        Returns what only this step adds (``redone``, ``recipients``, ``kept``). A
+        recipient for which ``served`` is true gets no file (nothing is created,
+        renamed or unlinked for it): a :class:`Kept` in ``report.kept`` for the
+        caller's memory queue. A crash redo skips a recipient that holds the message as a
+        file or for which ``held(agent, message_id)`` is true (the daemon's memory holds
+        it, or held it since start-up: a second copy would be delivered after its ack).
+        Arrival keys are drawn in commit order. (A pool of
+        writer threads was tried: on 2 cores its hand-offs halved throughput.)
         """
         report = RouteReport()
-        jobs: list[tuple[str, bytes, str, str]] = []
+        jobs: _Jobs = []
         holdings: Holdings | None = None  # one per pass, and only when there is a redo
         for batch in batches:
             for item in batch.accepted:
-                self._deliver(item, jobs)
+                self._deliver(item, jobs, served, report.kept)
                 _log.debug("message_accepted", message_id=item.msg.message_id, to=item.recipients)
             for item in batch.redo:
                 holdings = holdings or Holdings(self.config)
-                self._redo(item, jobs, holdings)
+                self._redo(item, jobs, holdings, held)
                 report.redone += 1
         self._write(jobs)
         for batch in batches:
@@ -373,20 +377,14 @@ class Router:
             self._delivered = max(self._delivered, batches[-1].position)
         return report
 
-    def _write(self, jobs: list[tuple[str, bytes, str, str]]) -> None:
+    def _write(self, jobs: _Jobs) -> None:
         for agent in {job[0] for job in jobs}:
             ensure_agent_dirs(self.layout, agent)
         for agent, body, message_id, arrival in jobs:
             self._unsynced.append(deliver(self.layout, agent, body, message_id, arrival=arrival))
 
-    def _admit_file(
-        self,
-        rules: Rules,
-        path: Path,
-        entries: list[JournalEntry],
-        report: RouteReport,
-        now: datetime,
-    ) -> _Item | None:
+    def _admit_file(self, rules: Rules, path: Path, out: _Out) -> _Item | None:
+        entries, report, now = out
         origin = Origin.file(self.layout, path)
         try:
             result = intake.admit(rules, Parcel(origin), intake.FILE)
@@ -397,14 +395,8 @@ class Router:
             return None
         return _Item(result.message, result.body, result.recipients, origin.rel, path, None)
 
-    def _admit_publish(
-        self,
-        rules: Rules,
-        inc: Incoming,
-        entries: list[JournalEntry],
-        report: RouteReport,
-        now: datetime,
-    ) -> _Item | None:
+    def _admit_publish(self, rules: Rules, inc: Incoming, out: _Out) -> _Item | None:
+        entries, report, now = out
         parcel = Parcel(Origin.socket(inc.sender), data=inc.raw, message=inc.message)
         result = intake.admit(rules, parcel, intake.SOCKET)
         inc.message = result.message
@@ -414,7 +406,7 @@ class Router:
             return None
         return _Item(result.message, result.body, result.recipients, None, None, inc)
 
-    def _deliver(self, item: _Item, jobs: list[tuple[str, bytes, str, str]]) -> None:
+    def _deliver(self, item: _Item, jobs: _Jobs, served: Served | None, kept: list[Kept]) -> None:
         path = item.path
         if path is not None and path.parent.parent == self.layout.inbox:
             # A producer wrote straight into the inbox: validated and journaled
@@ -426,27 +418,40 @@ class Router:
                 return  # a daemon-less consumer claimed it first: it is journaled, that is all
             self._unsynced.append(target)
             return
+        mid = item.msg.message_id
         for r in item.recipients:
-            jobs.append((r, item.body, item.msg.message_id, arrival_clock.next()))
+            if served is not None and served(r):
+                kept.append(Kept(r, mid, item.msg.idempotency_key, item.position, item.length))
+            else:
+                jobs.append((r, item.body, mid, arrival_clock.next()))
 
-    def _redo(
-        self, item: _Item, jobs: list[tuple[str, bytes, str, str]], holdings: Holdings
-    ) -> None:
+    def _redo(self, item: _Item, jobs: _Jobs, holdings: Holdings, held: Held | None) -> None:
         """Finish a pass that died after the journal append: deliver what is missing."""
         if item.path is not None and item.path.parent.parent == self.layout.inbox:
-            self._deliver(item, jobs)
+            self._deliver(item, jobs, None, [])
             return
         size = len(item.body)
-        missing = [r for r in item.recipients if not holdings.has(r, item.msg, size)]
+        mid = item.msg.message_id
+        missing = [
+            r
+            for r in item.recipients
+            if not (held is not None and held(r, mid)) and not holdings.has(r, item.msg, size)
+        ]
         if missing:
-            self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None), jobs)
+            self._deliver(_Item(item.msg, item.body, missing, item.rel, None, None), jobs, None, [])
         _log.info("message_redelivered_after_crash", message_id=item.msg.message_id, to=missing)
 
-    def deliver_again(self, msg: Message, body: bytes, recipients: list[str]) -> None:
-        """Deliver an already-journaled message to ``recipients`` (recovery)."""
-        jobs: list[tuple[str, bytes, str, str]] = []
-        self._deliver(_Item(msg, body, recipients, None, None, None), jobs)
-        self._write(jobs)
+    def write_out(self, agent: str, messages: Sequence[tuple[str, bytes, int]]) -> None:
+        """Memory messages ``(message_id, body, count)`` as ``agent``'s inbox files (synced
+        by the next checkpoint, like every delivery: call it in the delivery lane)."""
+        if messages:
+            ensure_agent_dirs(self.layout, agent)
+        for mid, body, count in messages:
+            self._unsynced.append(deliver(self.layout, agent, body, mid, deliveries=count))
+
+    def note_delivered(self, position: Position) -> None:
+        """A batch with nothing to deliver (only records) is delivered as it is committed."""
+        self._delivered = max(self._delivered, position)
 
     def sync(self) -> None:
         """Make every delivery since the last call durable (files, then directories)."""
@@ -469,41 +474,24 @@ def _entry(
     )
 
 
-def _subdirs(parent: Path) -> Iterator[Path]:
+def _subdirs(parent: Path) -> list[Path]:
+    return [parent / n for n in list_names(parent) if _is_dir(parent / n)]
+
+
+def _is_dir(path: Path) -> bool:
     try:
-        with os.scandir(parent) as it:
-            dirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        return stat.S_ISDIR(os.lstat(path).st_mode)  # a symlink is not followed
     except FileNotFoundError:
-        return
-    for name in dirs:
-        if not name.startswith("."):
-            yield parent / name
+        return False
 
 
 def _entries(directory: Path) -> list[Path]:
-    try:
-        with os.scandir(directory) as it:
-            names = sorted(e.name for e in it if not e.name.startswith("."))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [directory / n for n in names]
+    return [directory / n for n in list_names(directory)]
 
 
 def _foreign(directory: Path) -> list[Path]:
-    """Files of an inbox without a delivery name (dropped there by a producer).
-
-    Filtered before sorting: an inbox may hold 100,000 delivered files, and only
-    the few foreign ones need an order.
-    """
-    try:
-        with os.scandir(directory) as it:
-            names = [
-                e.name
-                for e in it
-                if not e.name.startswith(".") and parse_delivery_name(e.name) is None
-            ]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    """Files of an inbox without a delivery name (filtered before the sort: only few)."""
+    names = [n for n in list_names(directory, sort=False) if not parse_delivery_name(n)]
     return [directory / n for n in sorted(names)]
 
 

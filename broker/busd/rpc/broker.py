@@ -7,10 +7,12 @@ implements it, ``busd.app`` wires the two together, and tests drive
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
 from busd.config import Config
 from busd.ops.status import StatusReport
+from busd.routing.queues import AckOutcome, Delivery
 from busd.routing.router import Incoming
 
 __all__ = ["Broker"]
@@ -53,6 +55,46 @@ class Broker(Protocol):
         """Add ``agent`` to ``topic``, persisted (the I/O runs in a worker thread)."""
         ...
 
-    def status(self) -> StatusReport:
-        """What ``busd status --json`` prints (blocking: call from a worker thread)."""
+    async def status(self) -> StatusReport:
+        """What ``busd status --json`` prints (the listings run in a worker thread)."""
+        ...
+
+    # -- memory deliveries: the messages of socket-served agents ----------------
+
+    def attach(self, agent: str) -> None:
+        """A subscriber of ``agent`` arrived (it is socket-served while one remains)."""
+        ...
+
+    def detach(self, agent: str) -> None:
+        """A subscriber of ``agent`` left."""
+        ...
+
+    def touch(self, agent: str) -> None:
+        """``agent`` fetched over the socket (served for ``serve_grace_seconds``)."""
+        ...
+
+    async def claim(self, agent: str, n: int) -> list[tuple[Delivery, bytes]]:
+        """Claim up to ``n`` memory messages of ``agent``, oldest first, with their bodies."""
+        ...
+
+    async def settle(
+        self, agent: str, *, receipts: list[str], message_ids: list[str]
+    ) -> AckOutcome:
+        """Ack memory deliveries, answered after the fsync; StaleReceipt if one is stale."""
+        ...
+
+    def holds(self, agent: str, message_id: str) -> bool:
+        """Whether memory holds ``message_id`` for ``agent`` (ready or in flight)."""
+        ...
+
+    def release(
+        self, agent: str, *, receipt: str | None, message_id: str | None, delay_s: float
+    ) -> None:
+        """Put a memory delivery back, now or after ``delay_s`` (NotFound, StaleReceipt)."""
+        ...
+
+    def extend(
+        self, agent: str, *, receipt: str | None, message_id: str | None, lease_s: float
+    ) -> datetime:
+        """Push a memory delivery's lease (NotFound, StaleReceipt)."""
         ...

@@ -7,6 +7,16 @@ agent's directories). ``publish`` and ``publish_batch`` join the broker's next
 group commit, so they answer only after the journal fsync, and concurrent
 publishers share that fsync. Results are the ``*Result`` Structs of
 :mod:`busd.rpc.protocol`.
+
+Consumers: a ``fetch`` marks its agent socket-served (the broker keeps that
+agent's new messages in memory, with no inbox file) and takes inbox files
+first (written before the agent was served, by foreign producers, or put
+back by the lease sweep: the older part of the queue, so arrival order holds
+across the switch), then memory. Every delivery has a receipt. ``ack``/``nack``/``extend`` settle
+memory deliveries through the broker (an ack is answered after its ``acked``
+journal line is fsynced) and file deliveries through the agent's
+:class:`Consumer`; ``message_ids`` means "the current claim" of each id, memory
+or file. A stale receipt is refused with ``stale_receipt``.
 """
 
 from __future__ import annotations
@@ -22,12 +32,11 @@ import structlog
 
 from busd import __version__
 from busd.config import Config
-from busd.core.codec import encode_json
 from busd.core.model import check_agent_name
 from busd.errors import BusdError, NotFound
 from busd.ops.status import StatusReport
 from busd.routing import replay as _replay
-from busd.routing.consumer import Claim, Consumer
+from busd.routing.consumer import Consumer
 from busd.routing.router import Incoming
 from busd.rpc.broker import Broker
 from busd.rpc.protocol import (
@@ -35,7 +44,6 @@ from busd.rpc.protocol import (
     AckResult,
     AgentParams,
     BatchItem,
-    ClaimedMessage,
     DlqListParams,
     DlqListResult,
     DlqShowParams,
@@ -57,21 +65,13 @@ from busd.rpc.protocol import (
     RpcError,
     error_from_exception,
 )
-from busd.rpc.pushes import Subscribers
+from busd.rpc.pushes import Subscribers, claim_payload, memory_payload
 from busd.store import dlq
+from busd.store.layout import parse_delivery_name
 
-__all__ = ["Methods", "claim_payload"]
+__all__ = ["Methods", "claim_payload", "memory_payload"]
 
 _log = structlog.get_logger("busd.service")
-
-
-def claim_payload(claim: Claim) -> ClaimedMessage:
-    """A claimed message, as ``fetch`` returns it and ``subscribe`` pushes it."""
-    return ClaimedMessage(
-        message=msgspec.Raw(encode_json(claim.message)),
-        delivery_count=claim.delivery_count,
-        lease_expires_at=claim.lease_expires_at,
-    )
 
 
 class Methods:
@@ -157,37 +157,77 @@ class Methods:
         return PublishBatchResult(out)
 
     async def fetch(self, p: FetchParams) -> FetchResult:
-        consumer = await self.consumer(p.agent_id)
+        agent = p.agent_id
+        self.broker.touch(agent)  # served from now on: new messages stay in memory
+        consumer = await self.consumer(agent)
         deadline = time.monotonic() + p.wait_s
         await self.broker.settled()
         while True:
+            # Files first: they are the older part of the queue (written before the
+            # agent was served), so arrival order holds across the switch.
             claims = await anyio.to_thread.run_sync(consumer.claim, p.max)
+            out = [claim_payload(c) for c in claims]
+            if len(out) < p.max:
+                taken = await self.broker.claim(agent, p.max - len(out))
+                out.extend(memory_payload(d, body) for d, body in taken)
             remaining = deadline - time.monotonic()
-            if claims or remaining <= 0:
-                return FetchResult([claim_payload(c) for c in claims])
-            await self.broker.wait_for_delivery(p.agent_id, min(remaining, 1.0))
+            if out or remaining <= 0:
+                return FetchResult(out)
+            await self.broker.wait_for_delivery(agent, min(remaining, 1.0))
+            self.broker.touch(agent)
 
     async def ack(self, p: AckParams) -> AckResult:
-        consumer = await self.consumer(p.agent_id)
-        n = await anyio.to_thread.run_sync(consumer.ack, p.message_ids)
-        self.subscribers.released(p.agent_id, set(p.message_ids))
-        return AckResult(n)
+        if not p.message_ids and not p.receipts:
+            raise RpcError(
+                -32602, "ack needs message_ids or receipts", "invalid_params", {"path": "$"}
+            )
+        agent = p.agent_id
+        consumer = await self.consumer(agent)
+        # Memory first: it refuses a stale receipt before anything is settled.
+        memory = await self.broker.settle(agent, receipts=p.receipts, message_ids=p.message_ids)
+        left = set(memory.not_held)
+        receipts = [r for r in p.receipts if r in left]
+        ids = [m for m in p.message_ids if m in left]
+        acked, not_held = len(memory.acked), list[str]()
+        if receipts or ids:
+            n, not_held = await anyio.to_thread.run_sync(
+                lambda: consumer.settle(message_ids=ids, receipts=receipts)
+            )
+            acked += n
+        settled = {d.ref.message_id for d in memory.acked} | set(p.message_ids)
+        settled.update(_receipt_id(r) for r in p.receipts)
+        self.subscribers.released(agent, settled)
+        return AckResult(acked, not_held)
 
     async def nack(self, p: NackParams) -> NackResult:
-        consumer = await self.consumer(p.agent_id)
-        await anyio.to_thread.run_sync(lambda: consumer.release(p.message_id, delay_s=p.delay_s))
-        self.subscribers.released(p.agent_id, {p.message_id})
-        if not p.delay_s:
-            self.broker.notify_arrival(p.agent_id)
+        agent, receipt, mid = p.agent_id, p.receipt, _named(p.message_id, p.receipt)
+        if self.broker.holds(agent, mid):
+            self.broker.release(agent, receipt=receipt, message_id=p.message_id, delay_s=p.delay_s)
+        else:
+            consumer = await self.consumer(agent)
+            await anyio.to_thread.run_sync(
+                lambda: consumer.release(p.message_id, receipt=receipt, delay_s=p.delay_s)
+            )
+            if not p.delay_s:
+                self.broker.notify_arrival(agent)
+        self.subscribers.released(agent, {mid})
         return NackResult()
 
     async def extend(self, p: ExtendParams) -> ExtendResult:
-        consumer = await self.consumer(p.agent_id)
-        expires = await anyio.to_thread.run_sync(consumer.extend, p.message_id, p.lease_s)
+        agent, receipt, mid = p.agent_id, p.receipt, _named(p.message_id, p.receipt)
+        if self.broker.holds(agent, mid):
+            expires = self.broker.extend(
+                agent, receipt=receipt, message_id=p.message_id, lease_s=p.lease_s
+            )
+            return ExtendResult(expires)
+        consumer = await self.consumer(agent)
+        expires = await anyio.to_thread.run_sync(
+            lambda: consumer.extend(p.message_id, receipt=receipt, lease_s=p.lease_s)
+        )
         return ExtendResult(expires)
 
     async def status(self, _: AgentParams) -> StatusReport:
-        return await anyio.to_thread.run_sync(self.broker.status)
+        return await self.broker.status()
 
     async def dlq_list(self, p: DlqListParams) -> DlqListResult:
         layout = self.config.layout
@@ -230,6 +270,24 @@ class Methods:
 
 def _replay_one(config: Config, name: str, p: ReplayParams) -> _replay.ReplayResult:
     return _replay.replay(config, name, to=p.to, dry_run=p.dry_run)
+
+
+def _receipt_id(receipt: str) -> str:
+    """The message id a receipt names ("" if it is not one)."""
+    parsed = parse_delivery_name(f"{receipt}.json")
+    return parsed.message_id if parsed is not None else ""
+
+
+def _named(message_id: str | None, receipt: str | None) -> str:
+    """The message a nack/extend names: its ``receipt``'s, else ``message_id``."""
+    if receipt is not None:
+        mid = _receipt_id(receipt)
+        if not mid or (message_id is not None and message_id != mid):
+            raise NotFound(f"no delivery {receipt}", receipt=receipt)
+        return mid
+    if message_id is None:
+        raise RpcError(-32602, "name a message_id or a receipt", "invalid_params", {"path": "$"})
+    return message_id
 
 
 def _outcome(item: Incoming) -> PublishResult:

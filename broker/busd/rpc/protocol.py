@@ -128,26 +128,32 @@ class FetchParams(_Params):
 
 
 class AckParams(_Params):
-    """``ack``: acknowledge claimed messages."""
+    """``ack``: settle deliveries by ``receipts`` and/or the current claims of ``message_ids``.
+
+    At least one of the two lists is non-empty (checked by the method).
+    """
 
     agent_id: _Agent
-    message_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)]
+    message_ids: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
+    receipts: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
 
 
 class NackParams(_Params):
-    """``nack``: put a claim back, now or after ``delay_s``."""
+    """``nack``: put a delivery back (by ``receipt``, or the current claim of ``message_id``)."""
 
     agent_id: _Agent
-    message_id: str
+    message_id: str | None = None
+    receipt: str | None = None
     delay_s: Annotated[float, msgspec.Meta(ge=0, le=_YEAR_S)] = 0.0
 
 
 class ExtendParams(_Params):
-    """``extend``: push the lease of a claim to ``lease_s`` from now."""
+    """``extend``: push the lease of a delivery (``receipt`` or ``message_id``) to ``lease_s``."""
 
     agent_id: _Agent
-    message_id: str
     lease_s: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_S)]
+    message_id: str | None = None
+    receipt: str | None = None
 
 
 class SubscribeParams(_Params):
@@ -232,6 +238,7 @@ class ClaimedMessage(msgspec.Struct):
     message: msgspec.Raw
     delivery_count: int
     lease_expires_at: datetime
+    receipt: str
 
 
 class FetchResult(msgspec.Struct):
@@ -241,9 +248,10 @@ class FetchResult(msgspec.Struct):
 
 
 class AckResult(msgspec.Struct):
-    """``ack``: how many of the ids were claimed (and are now acknowledged)."""
+    """``ack``: how many deliveries are now settled, and the ids/receipts not held."""
 
     acked: int
+    not_held: list[str] = []
 
 
 class NackResult(msgspec.Struct):

@@ -40,12 +40,12 @@ from anyio.abc import (
 
 from busd.config import Config, socket_path
 from busd.errors import BusdError, Forbidden, Overloaded
-from busd.routing.consumer import Claim
-from busd.rpc.methods import Methods, claim_payload
+from busd.rpc.methods import Methods
 from busd.rpc.protocol import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    ClaimedMessage,
     RpcError,
     SubscribeParams,
     SubscribeResult,
@@ -319,8 +319,8 @@ class Connection:
         subscribers = self.methods.subscribers
         sub = await subscribers.add(params)
 
-        async def push(claim: Claim) -> None:
-            await self.send(encode_notification("message", claim_payload(claim)))
+        async def push(payload: ClaimedMessage) -> None:
+            await self.send(encode_notification("message", payload))
 
         async def run() -> None:
             try:

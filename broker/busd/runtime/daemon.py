@@ -14,14 +14,22 @@ Phases of :meth:`Daemon.run`, in order:
   the CLI can explain), install signal receivers, start the services (the
   socket is bound before "ready": a bind error stops start-up with a clear
   message), start the watcher, recover (repair the journal tail, rebuild the
-  dedupe index, return expired claims, route every file that waited while no
-  daemon ran), start the lanes and timers, then report ready (log line +
-  ``READY=1``);
+  dedupe index and the in-memory queues from the journal after the
+  checkpoint, return expired claims), start the lanes and timers, then report
+  ready (log line + ``READY=1``). Files that waited in outboxes while no daemon
+  ran are routed AFTER ready, by the committer's passes in arrival order
+  (``busd status`` shows the backlog draining), so a large backlog never
+  delays start-up;
 * serve: until a stop is requested (SIGTERM/SIGINT or :meth:`Daemon.stop`);
 * shutdown: stop watching, refuse publishes, cancel the task group (a batch in
   its worker thread finishes its journal append and fsync: worker threads are
-  never abandoned), then, shielded, write the inbox files still queued and
-  checkpoint, and release the lock.
+  never abandoned), then, shielded, write every memory message (ready and in
+  flight) and the inbox files still queued as files, checkpoint, and release
+  the lock: the daemon-less tools see the whole queue.
+
+Socket consumers are served from memory (:mod:`busd.runtime.memory`): the
+served rule, the write-out of unserved agents' messages (a 1 s timer), lease
+expiry of memory deliveries (with the lease sweep), and the checkpoint floor.
 
 A second SIGINT, or the shutdown timeout running out (the timer is armed in
 the signal receiver), calls ``on_force_exit`` (the CLI exits the process).
@@ -47,16 +55,19 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from busd.config import Config, ConfigLoader
 from busd.errors import AlreadyRunning, BusdError, ConfigError, StorageError
-from busd.ops.status import DaemonInfo, Rates, StatusReport, Totals, report
+from busd.ops.status import DaemonInfo, QueueInfo, Rates, StatusReport, Totals, report
 from busd.routing.consumer import return_expired
-from busd.routing.recovery import recover_deliveries, write_checkpoint
+from busd.routing.queues import Queues
+from busd.routing.recovery import write_checkpoint
 from busd.routing.retention import gc
 from busd.routing.router import Incoming, Router, RouteReport
 from busd.runtime.arrivals import Arrivals, Wakeup
 from busd.runtime.committer import Committer
 from busd.runtime.deliverer import Deliverer
+from busd.runtime.memory import ConsumerMethods, Memory, rebuild
 from busd.runtime.metrics import Metrics
 from busd.runtime.sdnotify import Notifier, watchdog_interval
+from busd.runtime.serving import Serving
 from busd.runtime.topics import Topics
 from busd.runtime.watcher import watch
 from busd.store.buslock import BusLock
@@ -67,6 +78,7 @@ _log = structlog.get_logger("busd.daemon")
 _CLI_LOCK_WAIT_S = 5.0
 _GC_PERIOD_S = 60.0
 _CHECKPOINT_PERIOD_S = 1.0
+_WRITE_OUT_PERIOD_S = 1.0
 
 StartServices = Callable[[TaskGroup], Awaitable[None]]
 """Starts services in the daemon's task group before it is ready (``await tg.start(...)``)."""
@@ -75,15 +87,31 @@ StartServices = Callable[[TaskGroup], Awaitable[None]]
 class _Running:
     """The objects that exist only while :meth:`Daemon.run` runs."""
 
-    def __init__(self, router: Router, metrics: Metrics, arrivals: Arrivals) -> None:
+    def __init__(self, daemon: Daemon, router: Router) -> None:
         self.router = router
         self.deliverer = Deliverer(
-            router, metrics, arrivals, on_failure=lambda: self.committer.request_pass()
+            router,
+            daemon.metrics,
+            daemon.arrivals,
+            on_failure=lambda: self.committer.request_pass(),
         )
-        self.committer = Committer(router, self.deliverer, metrics)
+        self.committer = Committer(router, self.deliverer, daemon.metrics)
+        self.memory = Memory(
+            router,
+            self.committer,
+            self.deliverer,
+            daemon.metrics,
+            lambda: daemon.config,
+            daemon.serving,
+        )
+        self.deliverer.served = daemon.serving.served
+        self.deliverer.keep = self.memory.keep
+        self.deliverer.floor = self.memory.floor
+        self.deliverer.live = self.memory.queues
+        self.deliverer.held = self.memory.covers
 
 
-class Daemon:
+class Daemon(ConsumerMethods):
     """The broker process. Construct with a loader, then ``await run()``.
 
     Implements the ``busd.rpc.broker.Broker`` protocol the socket methods use.
@@ -100,6 +128,9 @@ class Daemon:
         self.metrics = Metrics()
         self.arrivals = Arrivals()
         self.topics = Topics(self.config.layout)
+        self.serving = Serving(lambda: self.config.serve_grace_seconds)
+        self.on_returned: Callable[[str, set[str]], None] = lambda agent, ids: None
+        """Told the ids of an agent's memory deliveries whose lease ended (the subscribers)."""
         self.socket: Path | None = None
         """The endpoint clients use, for ``status``; set by whoever starts the listener."""
         self._running: _Running | None = None
@@ -109,11 +140,18 @@ class Daemon:
         self._reconfiguring = anyio.Lock()  # subscribe and reload, one at a time
         self._stop_signals = 0
         self._force_timer: threading.Timer | None = None
+        self._recovered = 0
 
     @property
     def router(self) -> Router:
         """The router; only valid while :meth:`run` is running."""
         return self._parts.router
+
+    def _memory(self) -> Memory:
+        return self._parts.memory
+
+    def _memory_or_none(self) -> Memory | None:
+        return self._running.memory if self._running is not None else None
 
     @property
     def _parts(self) -> _Running:
@@ -159,7 +197,8 @@ class Daemon:
             router = await anyio.to_thread.run_sync(Router, self.config)
         except PermissionError as exc:
             raise StorageError(f"cannot read the bus: {exc}", path=exc.filename) from exc
-        self._running = _Running(router, self.metrics, self.arrivals)
+        self._running = _Running(self, router)
+        self._running.memory.on_returned = lambda agent, ids: self.on_returned(agent, ids)
         # Before any commit and before the lanes exist: nothing can race this.
         subscriptions = await self.topics.reload(self.config)
         await anyio.to_thread.run_sync(router.reconfigure, self.config, subscriptions)
@@ -170,11 +209,17 @@ class Daemon:
         if start_services is not None:
             await start_services(tg)
         tg.start_soon(watch, self.config, parts.committer.on_hints, self._watch_stop)
-        async with parts.committer.lane:
-            report = await anyio.to_thread.run_sync(self._recover)
+        async with parts.committer.lane, parts.deliverer.lane:
+            report, queues, rebuilt = await anyio.to_thread.run_sync(self._recover)
+        parts.memory.queues = parts.deliverer.live = queues
+        parts.memory.rebuilt = rebuilt
         self.metrics.count(report)
         tg.start_soon(parts.committer.run)
         tg.start_soon(parts.deliverer.run)
+        # The backlog that waited while no daemon ran: routed after ready, pass by pass.
+        parts.committer.request_full_scan()
+        parts.memory.hold_until = time.monotonic() + self.config.serve_grace_seconds
+        tg.start_soon(self._timer, parts.memory.write_out, lambda: _WRITE_OUT_PERIOD_S)
         tg.start_soon(self._timer, self._lease_pass, self._lease_period)
         tg.start_soon(self._timer, parts.committer.request_full_scan, self._rescan_period)
         tg.start_soon(self._timer, self._gc_pass, lambda: _GC_PERIOD_S)
@@ -189,7 +234,7 @@ class Daemon:
             "daemon_ready",
             root=self.config.root,
             pid=os.getpid(),
-            recovered=report.accepted,
+            recovered=self._recovered,
             dead_lettered=report.dead_lettered,
         )
         self.notifier.send("READY=1", f"STATUS=ready; recovered {report.accepted}")
@@ -206,8 +251,12 @@ class Daemon:
 
     async def _release(self, lock: BusLock) -> None:
         if self._running is not None:
+            parts = self._running
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._running.deliverer.final_checkpoint)
+                # Every memory message becomes a file: the daemon-less tools see the queue.
+                await parts.memory.write_out(everything=True)
+                floor = parts.memory.floor()
+                await anyio.to_thread.run_sync(parts.deliverer.final_checkpoint, floor)
             self._running.router.close()
         lock.release()
         if self._force_timer is not None:
@@ -255,26 +304,36 @@ class Daemon:
 
     # -- work ---------------------------------------------------------------
 
-    def _recover(self) -> RouteReport:
-        """Start-up recovery; runs in a worker thread, in the commit lane, before ready."""
+    def _recover(self) -> tuple[RouteReport, Queues, set[tuple[str, str]]]:
+        """Start-up recovery; a worker thread, in both lanes, before ready.
+
+        Rebuilds the memory queues from the journal after the checkpoint (every
+        agent's messages stay in memory for ``serve_grace_seconds``); the
+        outbox backlog is left to the committer's passes after ready.
+        """
         router = self.router
         removed = router.journal.repair()
         if removed:
             _log.warning("journal_tail_repaired", bytes_removed=removed)
-        recovered = recover_deliveries(router)
+        queues, recovered, rebuilt = rebuild(router, self.config.serve_grace_seconds)
+        in_memory = sum(queues.ready(a) for a in queues.agents())
         expired = return_expired(self.config)
         _log.info(
             "recovery_done",
             redelivered_from_journal=recovered,
+            in_memory=in_memory,
             claims_returned=len(expired.returned),
             claims_dead_lettered=len(expired.dead_lettered),
         )
-        report = router.route_all()
+        router.checkpoint_limit = queues.low_water()
         write_checkpoint(router)
-        report.dead_lettered += len(expired.dead_lettered)
-        return report
+        self._recovered = recovered + in_memory
+        return RouteReport(dead_lettered=len(expired.dead_lettered)), queues, rebuilt
 
     async def _lease_pass(self) -> None:
+        back = self._parts.memory.expire()
+        if back:
+            self.arrivals.notify(back)
         async with self._parts.committer.lane:
             expired = await anyio.to_thread.run_sync(return_expired, self.config)
         self.metrics.count(RouteReport(dead_lettered=len(expired.dead_lettered)))
@@ -368,8 +427,16 @@ class Daemon:
             if subscriptions is not None:
                 await self._parts.committer.reconfigure(self.config, subscriptions)
 
-    def status(self) -> StatusReport:
-        """``busd status`` data, with what only the daemon knows (call from a thread)."""
+    async def status(self) -> StatusReport:
+        """``busd status`` data, with what only the daemon knows.
+
+        The memory queues are read on the loop (they are the loop's); the
+        directory listings run in a worker thread.
+        """
+        queues = self._parts.memory.info()
+        return await anyio.to_thread.run_sync(self._status, queues)
+
+    def _status(self, queues: dict[str, QueueInfo]) -> StatusReport:
         info = DaemonInfo(
             pid=os.getpid(),
             uptime_s=round(time.time() - self.started_at, 3),
@@ -380,6 +447,7 @@ class Daemon:
             undelivered=self._parts.deliverer.undelivered,
             totals=Totals(**self.metrics.totals()),
             rates_per_min=msgspec.convert(self.metrics.per_minute(), Rates),
+            queues=queues,
         )
         return report(self.config, info)
 

@@ -11,6 +11,12 @@ Contracts:
   latency, not errors). The journal holds all of it anyway.
 * Read your writes: :meth:`Deliverer.settled` returns once every batch
   committed before the call has its inbox files.
+* Served agents: ``finish`` is given the daemon's served rule; what it keeps
+  for socket-served agents (no file) is handed to ``keep`` (the memory
+  queues) before the batch counts as finished, so a fetch that waited for
+  :meth:`Deliverer.settled` finds it in memory.
+* A checkpoint never passes ``floor()`` (the oldest message unsettled in
+  memory): it has no file to sync, only its journal line.
 * A failed pass loses nothing (the batches are journaled after the
   checkpoint and ``Router.delivered`` has not moved past them): the lane is
   marked broken, the commit lane is asked for a pass, and that pass calls
@@ -19,17 +25,18 @@ Contracts:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import anyio
 import structlog
 
 from busd.errors import BusdError
+from busd.routing.queues import Queues
 from busd.routing.recovery import recover_deliveries, write_checkpoint
-from busd.routing.router import Batch, Router, RouteReport
+from busd.routing.router import Batch, Held, Kept, Router, RouteReport, Served
 from busd.runtime.arrivals import Arrivals, Wakeup
 from busd.runtime.metrics import Metrics
-from busd.store.journal import START
+from busd.store.journal import START, Position
 
 __all__ = ["MAX_PENDING", "MAX_PENDING_BYTES", "Deliverer"]
 
@@ -53,6 +60,9 @@ class Deliverer:
         on_failure: Callable[[], None],
         max_pending: int = MAX_PENDING,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        served: Served | None = None,
+        keep: Callable[[Iterable[Kept]], None] | None = None,
+        floor: Callable[[], Position | None] | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics
@@ -71,6 +81,17 @@ class Deliverer:
         self._delivering = False  # a finish() is in its worker thread
         self._broken = False
         self._checkpointed = START
+        self.served = served
+        """The served rule ``finish`` delivers by (None: files for everyone)."""
+        self.keep = keep
+        """Takes what ``finish`` kept for served agents (set together with :attr:`served`)."""
+        self.floor = floor
+        """The position no checkpoint may pass (the memory queues' oldest unsettled)."""
+        self.live: Queues | None = None
+        """The memory queues: recovery counts what they hold as held (no second file)."""
+        self.held: Held | None = None
+        """Whether memory holds (or held since start-up) a message: a crash redo writes
+        no file for it (set together with :attr:`served`)."""
 
     @property
     def undelivered(self) -> int:
@@ -97,6 +118,7 @@ class Deliverer:
             self._pending_messages += len(batch.accepted) + len(batch.redo)
             self._wake.set()
         else:
+            self._router.note_delivered(batch.position)
             await self._advance(self._committed)  # nothing to deliver, nothing queued before
 
     async def room(self) -> None:
@@ -135,7 +157,10 @@ class Deliverer:
                 batches = [b for _, b in pending]
                 self._delivering = True
                 try:
-                    report = await anyio.to_thread.run_sync(self._router.finish, *batches)
+                    served = self.served if self.keep is not None else None
+                    report = await anyio.to_thread.run_sync(
+                        _finish, self._router, batches, served, self.held
+                    )
                 except (BusdError, OSError) as exc:
                     # Nothing is lost: these batches are journaled after the
                     # checkpoint, and `delivered` has not moved past them.
@@ -144,6 +169,8 @@ class Deliverer:
                     self._on_failure()
                     await self._advance(self._finished)  # a commit waiting for room goes on
                 else:
+                    if report.kept and self.keep is not None:
+                        self.keep(report.kept)
                     await self._advance(pending[-1][0])
                 finally:
                     self._delivering = False
@@ -156,7 +183,9 @@ class Deliverer:
     async def recover(self) -> None:
         """Deliver everything journaled after the checkpoint (caller holds the commit lane)."""
         async with self.lane:
-            await anyio.to_thread.run_sync(recover_deliveries, self._router)
+            live = self.live
+            self._router.checkpoint_limit = self.floor() if self.floor is not None else None
+            await anyio.to_thread.run_sync(lambda: recover_deliveries(self._router, live=live))
             self._broken = False
             self._pending.clear()
             self._pending_bytes = self._pending_messages = 0
@@ -166,19 +195,34 @@ class Deliverer:
     async def checkpoint(self) -> None:
         """Sync deliveries and record the position they cover, when anything moved."""
         router = self._router
-        if router.unsynced or router.delivered != self._checkpointed:
+        floor = self.floor() if self.floor is not None else None
+        target = router.delivered if floor is None else min(router.delivered, floor)
+        if router.unsynced or target != self._checkpointed:
             try:
                 async with self.lane:
+                    # Read on the loop, in the lane: nothing enters memory meanwhile.
+                    router.checkpoint_limit = self.floor() if self.floor is not None else None
                     self._checkpointed = await anyio.to_thread.run_sync(write_checkpoint, router)
             except (BusdError, OSError) as exc:  # disk full or read-only: recovery covers it
                 _log.error("checkpoint_failed", error=str(exc))
 
-    def final_checkpoint(self) -> None:
-        """On the way out: deliver what is queued, then checkpoint (best effort; a thread)."""
+    def final_checkpoint(self, floor: Position | None = None) -> None:
+        """On the way out: deliver what is queued, then checkpoint (best effort; a thread).
+
+        Queued batches get files for every recipient (the memory is being
+        written out); ``floor`` is the memory's last word on what is unsettled.
+        """
         router = self._router
+        router.checkpoint_limit = floor
         try:
             if self._pending and not self._broken:
                 router.finish(*(b for _, b in self._pending))
             write_checkpoint(router)
         except (BusdError, OSError) as exc:  # the next start recovers from the journal
             _log.error("final_checkpoint_failed", error=str(exc))
+
+
+def _finish(
+    router: Router, batches: list[Batch], served: Served | None, held: Held | None
+) -> RouteReport:
+    return router.finish(*batches, served=served, held=held)

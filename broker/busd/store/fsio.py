@@ -49,6 +49,7 @@ __all__ = [
     "read_limited",
     "rename_noreplace",
     "replace_durable",
+    "scan_entries",
     "storage_error",
     "syncfs",
     "tmp_name",
@@ -318,19 +319,31 @@ def storage_error(exc: OSError, *, path: Path | str | None = None) -> StorageErr
     return StorageError(f"cannot write {where}: {why}", path=str(where), errno=exc.errno)
 
 
-def list_names(directory: Path) -> list[str]:
+def list_names(directory: Path, *, hidden: bool = False, sort: bool = True) -> list[str]:
     """The visible names in ``directory``, sorted; a missing directory (or a file) is empty.
 
     Names starting with ``.`` are in-progress writes or lock files by convention and
-    never listed. Sorted because every caller in the store needs an order (segments,
-    entries by arrival); callers that only need min/max of a huge inbox should not
-    use this.
+    are left out unless ``hidden`` (busd's own hidden claims, ``locks/<a>/.claim-*``).
+    Sorted (delivery names sort in arrival order) unless ``sort`` is False: a caller
+    that needs only the min/max of a huge inbox, or filters first, sorts less.
     """
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if not n.startswith("."))
+    if not hidden:
+        names = [n for n in names if not n.startswith(".")]
+    return sorted(names) if sort else names
+
+
+def scan_entries(directory: Path) -> list[os.DirEntry[str]]:
+    """Every entry of ``directory`` with its cached type and stat (hidden ones too), for
+    callers that need mtimes or types; a missing directory (or a file) is empty."""
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 _LOCK_POLL_FIRST_S = 0.0005

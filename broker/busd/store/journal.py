@@ -13,6 +13,10 @@ Contract:
   once ``append`` returns, the whole batch is durable (one ``write``, one ``fsync``).
 - Lines that fail to decode are skipped by readers and counted in :attr:`Journal.skipped`.
   Unknown fields are ignored, so older readers accept newer lines.
+- An entry is addressed by the :class:`Position` where its line starts and the line's length
+  (newline included): :meth:`Journal.append_at` returns both, :meth:`Journal.read_spans` yields
+  them, and :meth:`Journal.read_at` reads that one line back (``pread``, served from the page
+  cache), so a queue may hold an index of messages instead of their bodies.
 """
 
 from __future__ import annotations
@@ -34,7 +38,15 @@ from busd.errors import InvalidMessage, NotFound, Reason
 from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, list_names, storage_error
 from busd.store.layout import JOURNAL_LOCK_NAME
 
-__all__ = ["START", "Journal", "JournalEntry", "Position", "decode_entry", "encode_entry"]
+__all__ = [
+    "START",
+    "Journal",
+    "JournalEntry",
+    "Position",
+    "Span",
+    "decode_entry",
+    "encode_entry",
+]
 
 if TYPE_CHECKING:
     _RawOrNone: TypeAlias = msgspec.Raw | None
@@ -46,6 +58,8 @@ _SEGMENT_RE: Final = re.compile(r"([0-9]{12})\.ndjson")
 _READ_CHUNK: Final = 1 << 20
 _TAIL_BLOCK: Final = 1 << 16
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
+_HAS_PREAD: Final = hasattr(os, "pread")
+_READ_FDS: Final = 32  # segment descriptors read_at keeps open (a few segments are live)
 
 
 class Position(msgspec.Struct, frozen=True, order=True):
@@ -60,7 +74,12 @@ START: Final = Position(0, 0)
 
 
 class JournalEntry(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
-    """One journal line. ``at`` is UTC; ``message`` is the full message JSON, kept raw."""
+    """One journal line. ``at`` is UTC; ``message`` is the full message JSON, kept raw.
+
+    ``receipt`` (``acked``, ``delivered``) names one delivery; ``count`` (``delivered``) is
+    the deliveries so far, that one included. Absent fields are left out of the line, so
+    lines without them are byte-identical to those of earlier versions.
+    """
 
     event: str
     at: datetime
@@ -71,7 +90,13 @@ class JournalEntry(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True
     source: str | None = None
     reason: str | None = None
     detail: str | None = None
+    receipt: str | None = None
+    count: int | None = None
     message: _RawOrNone = None
+
+
+Span: TypeAlias = tuple[JournalEntry, Position, int]
+"""An entry, the position where its line starts, and the line's length (newline included)."""
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -153,6 +178,11 @@ class Journal:
         self._pid = os.getpid()
         self._seg_fd: int | None = None
         self._seg_index = 0
+        # read_at's descriptors, least recently used first; pread shares no file offset, so
+        # the lock guards only the dict (and the seek where there is no pread).
+        self._readers = threading.Lock()
+        self._read_fds: dict[int, int] = {}
+        self._read_pid = os.getpid()
 
     def _path(self, index: int) -> Path:
         return self.directory / f"{index:012d}.ndjson"
@@ -274,6 +304,69 @@ class Journal:
                 raise
             return Position(self._seg_index, size + len(data))
 
+    def append_at(self, entries: Sequence[JournalEntry]) -> list[tuple[Position, int]]:
+        """:meth:`append` (the same one write and one fsync), returning where each entry is:
+        the position its line starts at and the line's length, newline included, in order.
+
+        These are what :meth:`read_at` takes. Empty ``entries`` write nothing and return [].
+        """
+        lines = [encode_entry(e) for e in entries]
+        if not lines:
+            return []
+        end = self.append_lines(lines)
+        # A batch is never split across segments, so it ends where the append says.
+        offset = end.offset - sum(len(line) + 1 for line in lines)
+        spans: list[tuple[Position, int]] = []
+        for line in lines:
+            spans.append((Position(end.segment, offset), len(line) + 1))
+            offset += len(line) + 1
+        return spans
+
+    def read_at(self, position: Position, length: int) -> JournalEntry:
+        """The entry whose line starts at ``position`` and is ``length`` bytes long (newline
+        included), as :meth:`append_at` or :meth:`read_spans` gave them.
+
+        One ``pread`` from a cached descriptor of the segment (thread-safe), so a recently
+        written entry comes from the page cache. Raises :class:`NotFound` if the segment is
+        gone (pruned) or no longer holds that line (cut), :class:`InvalidMessage` if the
+        bytes there are not an entry (a wrong position).
+        """
+        if length <= 0 or position.offset < 0:
+            raise ValueError("read_at needs a line's start and its length (> 0)")
+        where = f"{position.segment}:{position.offset}"
+        try:
+            data = self._pread_segment(position.segment, length, position.offset)
+        except FileNotFoundError:
+            msg = f"journal segment {position.segment} of {self.directory} is gone"
+            raise NotFound(msg, position=where) from None
+        if len(data) != length or not data.endswith(b"\n"):
+            msg = f"no journal line of {length} bytes at {where} in {self.directory}"
+            raise NotFound(msg, position=where)
+        return decode_entry(data)
+
+    def _pread_segment(self, segment: int, size: int, offset: int) -> bytes:
+        with self._readers:
+            if self._read_pid != os.getpid():
+                self._read_fds.clear()  # the parent's descriptors: leave them to it
+                self._read_pid = os.getpid()
+            fd = self._read_fds.pop(segment, None)
+            if fd is None:
+                fd = os.open(self._path(segment), os.O_RDONLY | _O_BINARY)
+                while len(self._read_fds) >= _READ_FDS:  # evict the least recently used
+                    with contextlib.suppress(OSError):
+                        os.close(self._read_fds.pop(next(iter(self._read_fds))))
+            self._read_fds[segment] = fd  # re-inserted: most recently used last
+            if _HAS_PREAD:
+                return os.pread(fd, size, offset)
+            return _pread(fd, size, offset)  # no pread (Windows): the lock covers the seek
+
+    def _forget_readers(self, segments: Container[int] | None = None) -> None:
+        with self._readers:
+            for index in list(self._read_fds):
+                if segments is None or index in segments:
+                    with contextlib.suppress(OSError):
+                        os.close(self._read_fds.pop(index))
+
     def repair(self) -> int:
         """Cut a torn tail off the newest segment, durably; returns the bytes removed."""
         with self._write_lock():
@@ -311,12 +404,15 @@ class Journal:
                 total -= st.st_size
             if removed:
                 self._sync_dir(self.directory)
+        # An open descriptor would keep a deleted segment's blocks (and its stale lines).
+        self._forget_readers({int(p.name[:12]) for p in removed})
         return removed
 
     def close(self) -> None:
         """Release the descriptors (idempotent)."""
         with self._mutex:
             self._close_fds()
+        self._forget_readers()
 
     def __enter__(self) -> Self:
         return self
@@ -334,6 +430,13 @@ class Journal:
         """Entries after ``position``, each with the position just after it, until caught up.
 
         A position in a pruned segment continues at the oldest remaining segment.
+        """
+        for entry, start, length in self.read_spans(position):
+            yield entry, Position(start.segment, start.offset + length)
+
+    def read_spans(self, position: Position = START) -> Iterator[Span]:
+        """:meth:`read_from`, but each entry comes with the position where its line starts
+        and the line's length (newline included): what :meth:`read_at` reads back.
         """
         segment, offset = position.segment, position.offset
         while later := [i for i in self._indexes() if i >= segment]:
@@ -361,11 +464,12 @@ class Journal:
                             self._skip()
                         break
                     for line in buf[: end - 1].split(b"\n"):
-                        offset += len(line) + 1
+                        start, length = offset, len(line) + 1
+                        offset += length
                         if (entry := _decode(line)) is None:
                             self._skip()
                         else:
-                            yield entry, Position(segment, offset)
+                            yield entry, Position(segment, start), length
             if not sealed:
                 return
             segment, offset = segment + 1, 0

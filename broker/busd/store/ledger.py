@@ -1,6 +1,10 @@
 """The processed ledger, ``processed/<agent>.jsonl``: what an agent acknowledged.
 
 One JSON object per line: ``{"message_id", "idempotency_key", "acked_at"}``.
+The acked ids and the acked idempotency keys are two separate sets: a claimed
+message was processed before iff its ``message_id`` is among the acked ids or
+its ``idempotency_key`` among the acked keys (:meth:`ProcessedLedger.acked`);
+an id never matches a key, so a key equal to another message's id settles neither.
 Appends are one write + one fsync under an exclusive lock on
 ``processed/.<agent>.lock`` (:func:`~busd.store.fsio.file_lock`, given up after
 10 s with :class:`LockTimeout`); readers take no lock and never consume a last
@@ -44,7 +48,7 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProcessedLedger:
-    """The keys (message ids and idempotency keys) an agent has acknowledged.
+    """The message ids and (apart) the idempotency keys an agent has acknowledged.
 
     Reads the file once, then only the bytes appended since (the offset of the
     last complete line is remembered), so repeated checks are cheap. A last
@@ -55,6 +59,7 @@ class ProcessedLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = ledger_lock_path(path)
+        self._ids: set[str] = set()
         self._keys: set[str] = set()
         self._offset = 0
         self._ino: int | None = None
@@ -69,6 +74,7 @@ class ProcessedLedger:
         try:
             st = os.stat(self.path)
             if st.st_ino != self._ino or st.st_size < self._offset:
+                self._ids.clear()
                 self._keys.clear()
                 self._offset, self._ino = 0, st.st_ino
             if st.st_size == self._offset:
@@ -89,13 +95,35 @@ class ProcessedLedger:
                 continue  # a torn line glued to garbage, or an empty line
             self._add(rec)
 
-    def __contains__(self, key: object) -> bool:
+    def acked(self, message_id: str, key: str | None) -> bool:
+        """Whether a message with this id and idempotency key was acknowledged.
+
+        True iff ``message_id`` is among the acked ids or ``key`` (if any) among
+        the acked keys: the claim-time guard that keeps side effects single.
+        """
+        self.refresh()
+        return message_id in self._ids or (key is not None and key in self._keys)
+
+    def has_id(self, message_id: str) -> bool:
+        """Whether a message with this id was acknowledged."""
+        self.refresh()
+        return message_id in self._ids
+
+    def has_key(self, key: str) -> bool:
+        """Whether a message with this idempotency key was acknowledged."""
         self.refresh()
         return key in self._keys
 
-    def __len__(self) -> int:
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is an acked id or an acked key: a loose look-up for tools
+        and tests. Deciding whether a message was processed is :meth:`acked`."""
         self.refresh()
-        return len(self._keys)
+        return name in self._ids or name in self._keys
+
+    def __len__(self) -> int:
+        """How many acked ids and acked keys are known (the two sets together)."""
+        self.refresh()
+        return len(self._ids) + len(self._keys)
 
     def add_many(self, records: Iterable[LedgerRecord]) -> None:
         """Append ``records`` as one write + one fsync under the exclusive ledger lock.
@@ -118,7 +146,7 @@ class ProcessedLedger:
                 self._add(r)
 
     def _add(self, rec: LedgerRecord) -> None:
-        self._keys.add(rec.message_id)
+        self._ids.add(rec.message_id)
         if rec.idempotency_key is not None:
             self._keys.add(rec.idempotency_key)
 
@@ -176,6 +204,7 @@ class ProcessedLedger:
             # The tmp file is hidden beside the ledger: the ledger knows no tmp/ directory.
             replace_durable(self.path, b"".join(kept))
         with self._mutex:
+            self._ids.clear()
             self._keys.clear()
             self._offset, self._ino = 0, None
         return dropped

@@ -38,6 +38,12 @@ Contracts:
   foreign (non-delivery) names, Markdown front matter, undecodable or non-regular
   files, and messages already delivered ``max_deliveries`` times (claimed with an
   expired lease, so busd's sweep dead-letters them).
+* Receipts. Every delivery carries ``receipt``, naming that one delivery (from the
+  daemon, or the claim file's name without ``.json`` in the file fallback).
+  ``Delivery.ack``/``nack``/``extend`` settle by receipt, so the receipt of a claim
+  whose lease expired and that was handed out again raises :class:`StaleReceipt`
+  and never settles the newer claim. ``Client.ack``/``nack``/``extend`` also take
+  message ids, meaning "the current claim" (protocol.md 6.8 and 11).
 * Errors are :class:`BusError` subclasses carrying the JSON-RPC ``code``, the stable
   ``reason`` and the answer's ``data``. :class:`Unavailable` means no daemon could be
   reached and the call has no fallback: ``fallback=False`` was given, or the method
@@ -80,6 +86,7 @@ __all__ = [
     "Overloaded",
     "SendResult",
     "ShuttingDown",
+    "StaleReceipt",
     "StorageError",
     "Subscription",
     "Unavailable",
@@ -178,6 +185,18 @@ class StorageError(BusError):
     default_reason = "storage_error"
 
 
+class StaleReceipt(BusError):
+    """The receipt names a delivery that is no longer current (its lease expired and the
+    message was handed out again, or it was released): nothing was settled."""
+
+    default_reason = "stale_receipt"
+
+    @property
+    def receipts(self) -> list[str]:
+        """The stale receipts of the refused call."""
+        return [str(r) for r in self.data.get("receipts") or ()]
+
+
 class Unavailable(BusError):
     """No daemon could be reached, and the call has no file fallback."""
 
@@ -204,6 +223,7 @@ _ERRORS: dict[str, type[BusError]] = {
     "lock_timeout": LockTimeout,
     "storage_error": StorageError,
     "shutting_down": ShuttingDown,
+    "stale_receipt": StaleReceipt,
 }
 
 
@@ -635,11 +655,19 @@ class _DeliveryData:
     delivery_count: int
     lease_expires_at: datetime
     via: _Via
+    receipt: str | None = field(default=None, kw_only=True)
+    """Names this one delivery (None only from a daemon that predates receipts)."""
 
     @property
     def message_id(self) -> str:
-        """The id that ``ack``, ``nack`` and ``extend`` name."""
+        """The message's id (what old clients and the CLI settle by)."""
         return str(self.message["message_id"])
+
+    def _names(self) -> dict[str, Any]:
+        """How ``nack`` and ``extend`` name this delivery: its receipt, else its id."""
+        if self.receipt is not None:
+            return {"receipt": self.receipt}
+        return {"message_id": self.message_id}
 
     @property
     def keys(self) -> list[str]:
@@ -655,16 +683,23 @@ class Delivery(_DeliveryData):
     client: Client = field(repr=False, compare=False)
 
     def ack(self) -> bool:
-        """Record it as processed and drop the claim; False if no claim was left."""
-        return self.client.ack(self.agent_id, [self.message_id]) == 1
+        """Record it as processed and drop the claim; False if no claim was left.
+
+        Settles this delivery by its receipt: :class:`StaleReceipt` if its lease
+        expired and the message was handed out again (the newer claim is kept).
+        """
+        if self.receipt is None:
+            return self.client.ack(self.agent_id, [self.message_id]) == 1
+        return self.client.ack(self.agent_id, receipts=[self.receipt]) == 1
 
     def nack(self, delay_s: float = 0.0) -> None:
-        """Give it back now, or after ``delay_s``; NotFound if the claim is lost."""
-        self.client.nack(self.agent_id, self.message_id, delay_s=delay_s)
+        """Give it back now, or after ``delay_s``; NotFound if the claim is lost,
+        :class:`StaleReceipt` if it was handed out again."""
+        self.client.nack(self.agent_id, delay_s=delay_s, **self._names())
 
     def extend(self, lease_s: float) -> datetime:
         """Move the lease to ``lease_s`` from now; return the new expiry."""
-        return self.client.extend(self.agent_id, self.message_id, lease_s)
+        return self.client.extend(self.agent_id, lease_s=lease_s, **self._names())
 
 
 @dataclass(frozen=True)
@@ -675,24 +710,28 @@ class AsyncDelivery(_DeliveryData):
 
     async def ack(self) -> bool:
         """See :meth:`Delivery.ack`."""
-        return await self.client.ack(self.agent_id, [self.message_id]) == 1
+        if self.receipt is None:
+            return await self.client.ack(self.agent_id, [self.message_id]) == 1
+        return await self.client.ack(self.agent_id, receipts=[self.receipt]) == 1
 
     async def nack(self, delay_s: float = 0.0) -> None:
         """See :meth:`Delivery.nack`."""
-        await self.client.nack(self.agent_id, self.message_id, delay_s=delay_s)
+        await self.client.nack(self.agent_id, delay_s=delay_s, **self._names())
 
     async def extend(self, lease_s: float) -> datetime:
         """See :meth:`Delivery.extend`."""
-        return await self.client.extend(self.agent_id, self.message_id, lease_s)
+        return await self.client.extend(self.agent_id, lease_s=lease_s, **self._names())
 
 
-_Claimed = tuple[dict[str, Any], int, datetime]
+_Claimed = tuple[dict[str, Any], int, datetime, str | None]
 
 
 def _claimed(item: Any) -> _Claimed:
-    """(message, delivery_count, lease_expires_at) of a fetched or pushed item."""
+    """(message, delivery_count, lease_expires_at, receipt) of a fetched or pushed item."""
     when = datetime.fromisoformat(str(item["lease_expires_at"]))
-    return dict(item["message"]), int(item["delivery_count"]), when
+    receipt = item.get("receipt")
+    receipt = receipt if isinstance(receipt, str) else None
+    return dict(item["message"]), int(item["delivery_count"]), when, receipt
 
 
 def _sent(result: Any) -> SendResult:
@@ -766,20 +805,23 @@ class _Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._keys: set[str] = set()
+        self._ids: set[str] = set()  # acked message ids and acked idempotency keys are
+        self._keys: set[str] = set()  # two key spaces: an id never matches a key
         self._offset = 0
         self._ino: int | None = None
         self._mutex = threading.Lock()
 
-    def knows(self, keys: Iterable[str]) -> bool:
+    def acked(self, message_id: str, key: str | None) -> bool:
+        """Whether a message with this id (or this idempotency key) was acknowledged."""
         with self._mutex:
             self._refresh()
-            return any(k in self._keys for k in keys)
+            return message_id in self._ids or (key is not None and key in self._keys)
 
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
             if st.st_ino != self._ino or st.st_size < self._offset:  # compacted: start over
+                self._ids.clear()
                 self._keys.clear()
                 self._offset, self._ino = 0, st.st_ino
             if st.st_size == self._offset:
@@ -795,7 +837,7 @@ class _Ledger:
             with suppress(ValueError, LookupError, TypeError):  # not a record: skipped
                 rec = json.loads(line)
                 if isinstance(rec["message_id"], str) and isinstance(rec["acked_at"], str):
-                    self._keys.add(rec["message_id"])
+                    self._ids.add(rec["message_id"])
                     if isinstance(rec.get("idempotency_key"), str):
                         self._keys.add(rec["idempotency_key"])
 
@@ -928,20 +970,21 @@ class _Files:
                 _move_noreplace(dst, src)
             return None
         key = msg.get("idempotency_key")
-        if self.ledger(agent).knows([msg["message_id"], *([key] if isinstance(key, str) else [])]):
+        if self.ledger(agent).acked(msg["message_id"], key if isinstance(key, str) else None):
             os.unlink(dst)  # acked before: dropping the copy keeps side effects single
             return None
         if msg["message_id"] != mid:  # keep the claim findable by the id acks will name
-            self._return(dst, locks, f"{arrival}-{min(n + 1, 999):03d}-{msg['message_id']}.json")
-        return msg, n + 1, datetime.fromtimestamp(expiry, UTC)
+            name = f"{arrival}-{min(n + 1, 999):03d}-{msg['message_id']}.json"
+            dst = locks / self._return(dst, locks, name)
+        return msg, n + 1, datetime.fromtimestamp(expiry, UTC), dst.name.removesuffix(".json")
 
-    def _return(self, path: Path, directory: Path, name: str) -> None:
+    def _return(self, path: Path, directory: Path, name: str) -> str:
         """Move ``path`` to ``directory/name``; on a clash, a new arrival and the same count."""
         parsed = _DELIVERY_RE.match(name)
         while True:
             with suppress(FileExistsError):
                 _move_noreplace(path, directory / name)
-                return
+                return name
             arrival = _arrivals.next()
             name = f"{arrival}-{parsed[2]}-{parsed[3]}.json" if parsed else f"{arrival}-{name}"
 
@@ -969,31 +1012,102 @@ class _Files:
             raise NotFound(f"{agent} holds no claim on {message_id}", data={"id": message_id})
         return paths
 
-    def ack(self, agent: str, message_ids: Iterable[str]) -> int:
-        """Ledger records first (locked, fsynced), then every claimed copy is removed."""
-        records: list[dict[str, Any]] = []
-        paths: list[Path] = []
+    def _by_receipts(self, agent: str, receipts: Iterable[str]) -> tuple[list[Path], list[str]]:
+        """(the claim files the receipts name, the receipts not held); StaleReceipt first.
+
+        A receipt is current while ``locks/<agent>/<receipt>.json`` exists. It is stale
+        when that file is gone but the message is claimed under another name or is
+        back in the inbox: the call then changes nothing.
+        """
+        locks = self._dir("locks", _agent(agent))
+        held: list[Path] = []
+        stale: list[str] = []
+        not_held: list[str] = []
+        names: set[str] | None = None
+        for receipt in dict.fromkeys(receipts):
+            parsed = _DELIVERY_RE.match(f"{receipt}.json")
+            if parsed is None:
+                not_held.append(receipt)  # not a receipt: it names no delivery
+                continue
+            if names is None:
+                names = set(os.listdir(locks))
+            if f"{receipt}.json" in names:
+                held.append(locks / f"{receipt}.json")
+            elif self._held(agent, parsed[3], required=False) or self._queued(agent, parsed[3]):
+                stale.append(receipt)
+            else:
+                not_held.append(receipt)
+        if stale:
+            raise StaleReceipt(
+                f"receipt {', '.join(stale)} names a delivery that is no longer current "
+                "(its lease expired and it was delivered again, or it was released)",
+                reason="stale_receipt",
+                data={"receipts": stale},
+            )
+        return held, not_held
+
+    def _queued(self, agent: str, message_id: str) -> bool:
+        """Whether a delivery of ``message_id`` waits in ``inbox/<agent>/``."""
+        with suppress(FileNotFoundError):
+            return any(
+                (p := _DELIVERY_RE.match(name)) is not None and p[3] == message_id
+                for name in os.listdir(self.root / "inbox" / agent)
+            )
+        return False
+
+    def _one(self, agent: str, message_id: str | None, receipt: str | None) -> list[Path]:
+        """The claims a nack/extend acts on: the receipt's file, or every copy of an id."""
+        if receipt is None:
+            if message_id is None:
+                raise TypeError("name a message_id or a receipt")
+            return self._held(agent, message_id)
+        held, _ = self._by_receipts(agent, [receipt])
+        if not held or (message_id is not None and not receipt.endswith(f"-{message_id}")):
+            raise NotFound(f"{agent} holds no delivery {receipt}", data={"receipt": receipt})
+        return held
+
+    def ack(
+        self, agent: str, message_ids: Iterable[str], receipts: Iterable[str] = ()
+    ) -> tuple[int, list[str]]:
+        """Ledger records first (locked, fsynced), then the claims are removed.
+
+        A receipt removes its one claim file, a message id every claimed copy.
+        Returns (messages acked, ids and receipts not held).
+        """
+        found_by_receipt, not_held = self._by_receipts(agent, receipts)
+        targets: dict[str, list[Path]] = {}
+        for path in found_by_receipt:
+            parsed = _DELIVERY_RE.match(path.name)
+            assert parsed is not None
+            targets.setdefault(parsed[3], []).append(path)
         for mid in dict.fromkeys(message_ids):
             found = self._held(agent, mid, required=False)
-            if found:
-                msg: dict[str, Any] = {}
-                with suppress(OSError):
-                    msg = _message_in(found[0].read_bytes()) or {}
-                key = msg.get("idempotency_key")
-                key = key if isinstance(key, str) else None
-                records.append({"message_id": mid, "idempotency_key": key, "acked_at": ""})
-                paths.extend(found)
+            if not found:
+                not_held.append(mid)
+                continue
+            targets.setdefault(mid, []).extend(p for p in found if p not in targets.get(mid, []))
+        records: list[dict[str, Any]] = []
+        for mid, paths in targets.items():
+            msg: dict[str, Any] = {}
+            with suppress(OSError):
+                msg = _message_in(paths[0].read_bytes()) or {}
+            key = msg.get("idempotency_key")
+            key = key if isinstance(key, str) else None
+            records.append({"message_id": mid, "idempotency_key": key, "acked_at": ""})
         if records:
             now = _rfc3339(time.time())
             self.ledger(agent).append([{**r, "acked_at": now} for r in records])
-        for path in paths:
-            with suppress(FileNotFoundError):
-                os.unlink(path)
-        return len(records)
+        for paths in targets.values():
+            for path in paths:
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+        return len(records), not_held
 
-    def nack(self, agent: str, message_id: str, delay_s: float) -> None:
+    def nack(
+        self, agent: str, message_id: str | None, delay_s: float, receipt: str | None = None
+    ) -> None:
         """Back to the inbox now, or (``delay_s`` > 0) when the sweep finds the lease over."""
-        for path in self._held(agent, message_id):
+        for path in self._one(agent, message_id, receipt):
             try:
                 if delay_s > 0:
                     _set_lease(path, time.time() + delay_s)
@@ -1002,9 +1116,11 @@ class _Files:
             except FileNotFoundError:
                 raise NotFound(f"claim {path.name} was lost (lease expired?)") from None
 
-    def extend(self, agent: str, message_id: str, lease_s: float) -> datetime:
+    def extend(
+        self, agent: str, message_id: str | None, lease_s: float, receipt: str | None = None
+    ) -> datetime:
         expiry = time.time() + lease_s
-        for path in self._held(agent, message_id):
+        for path in self._one(agent, message_id, receipt):
             try:
                 _set_lease(path, expiry)
             except FileNotFoundError:
@@ -1108,22 +1224,48 @@ class _Base:
         files = self._files
         return _Op("fetch", params, _claims_of, lambda: files.fetch(agent_id, max, wait_s), wait_s)
 
-    def _ack(self, agent_id: str, message_ids: Iterable[str]) -> _Op[int]:
-        ids = list(message_ids)
-        params = {"agent_id": agent_id, "message_ids": ids}
-        return _Op("ack", params, lambda r: int(r["acked"]), lambda: self._files.ack(agent_id, ids))
-
-    def _nack(self, agent_id: str, message_id: str, delay_s: float) -> _Op[None]:
-        params = {"agent_id": agent_id, "message_id": message_id, "delay_s": delay_s}
+    def _ack(self, agent_id: str, message_ids: Iterable[str], receipts: Iterable[str]) -> _Op[int]:
+        ids, named = list(message_ids), list(receipts)
+        params: dict[str, Any] = {"agent_id": agent_id, "message_ids": ids}
+        if named:  # only then: a daemon that predates receipts refuses the field
+            params["receipts"] = named
         return _Op(
-            "nack", params, lambda r: None, lambda: self._files.nack(agent_id, message_id, delay_s)
+            "ack",
+            params,
+            lambda r: int(r["acked"]),
+            lambda: self._files.ack(agent_id, ids, named)[0],
         )
 
-    def _extend(self, agent_id: str, message_id: str, lease_s: float) -> _Op[datetime]:
-        params = {"agent_id": agent_id, "message_id": message_id, "lease_s": lease_s}
+    @staticmethod
+    def _named(message_id: str | None, receipt: str | None) -> dict[str, str]:
+        if (message_id is None) == (receipt is None):
+            raise TypeError("name exactly one of message_id and receipt")
+        return {"receipt": receipt} if receipt is not None else {"message_id": str(message_id)}
+
+    def _nack(
+        self, agent_id: str, message_id: str | None, receipt: str | None, delay_s: float
+    ) -> _Op[None]:
+        params = {"agent_id": agent_id, **self._named(message_id, receipt), "delay_s": delay_s}
         files = self._files
         return _Op(
-            "extend", params, _expiry_of, lambda: files.extend(agent_id, message_id, lease_s)
+            "nack",
+            params,
+            lambda r: None,
+            lambda: files.nack(agent_id, message_id, delay_s, receipt),
+        )
+
+    def _extend(
+        self, agent_id: str, message_id: str | None, receipt: str | None, lease_s: float
+    ) -> _Op[datetime]:
+        if not lease_s > 0:
+            raise InvalidRequest(f"lease_s must be > 0, got {lease_s!r}", reason="invalid_params")
+        params = {"agent_id": agent_id, **self._named(message_id, receipt), "lease_s": lease_s}
+        files = self._files
+        return _Op(
+            "extend",
+            params,
+            _expiry_of,
+            lambda: files.extend(agent_id, message_id, lease_s, receipt),
         )
 
     def _status(self) -> _Op[dict[str, Any]]:
@@ -1133,15 +1275,24 @@ class _Base:
         return _Op(method, params, lambda r: r[key] if key else r)
 
     def _fresh(self, delivery: _DeliveryData) -> bool:
-        keys = delivery.keys
-        known = any(k in self._done for k in keys)
-        return not known and not self._files.ledger(delivery.agent_id).knows(keys)
+        known = any(k in self._done for k in _done_keys(delivery))
+        key = delivery.message.get("idempotency_key")
+        key = key if isinstance(key, str) else None
+        return not known and not self._files.ledger(delivery.agent_id).acked(
+            delivery.message_id, key
+        )
 
     def _finished(self, delivery: _DeliveryData) -> None:
         with self._done_lock:
-            self._done.update(dict.fromkeys(delivery.keys))
+            self._done.update(dict.fromkeys(_done_keys(delivery)))
             while len(self._done) > 10_000:
                 del self._done[next(iter(self._done))]
+
+
+def _done_keys(delivery: _DeliveryData) -> list[str]:
+    # Tagged, so an id never matches an idempotency key (two key spaces, as in the ledger).
+    key = delivery.message.get("idempotency_key")
+    return [f"id:{delivery.message_id}", *([f"key:{key}"] if isinstance(key, str) else [])]
 
 
 def _request(rid: int, method: str, params: Mapping[str, Any]) -> bytes:
@@ -1340,19 +1491,41 @@ class Client(_Base):
     def fetch(self, agent_id: str, max: int = 1, wait_s: float = 0.0) -> list[Delivery]:
         """Claim up to ``max`` messages of ``agent_id``, waiting up to ``wait_s`` for the first."""
         items, via = self._run(self._fetch(agent_id, max, wait_s))
-        return [Delivery(agent_id, m, n, t, via, self) for m, n, t in items]
+        return [Delivery(agent_id, m, n, t, via, self, receipt=r) for m, n, t, r in items]
 
-    def ack(self, agent_id: str, message_ids: Iterable[str]) -> int:
-        """Record claimed messages as processed, drop their claims; return how many were held."""
-        return self._run(self._ack(agent_id, message_ids))[0]
+    def ack(
+        self, agent_id: str, message_ids: Iterable[str] = (), *, receipts: Iterable[str] = ()
+    ) -> int:
+        """Record claimed messages as processed, drop their claims; return how many were held.
 
-    def nack(self, agent_id: str, message_id: str, *, delay_s: float = 0.0) -> None:
-        """Give a claim back, now or after ``delay_s``. NotFound if it is not held."""
-        self._run(self._nack(agent_id, message_id, delay_s))
+        A receipt settles that one delivery (:class:`StaleReceipt`, and nothing
+        settled, if any is no longer current); a message id its current claim.
+        """
+        return self._run(self._ack(agent_id, message_ids, receipts))[0]
 
-    def extend(self, agent_id: str, message_id: str, lease_s: float) -> datetime:
-        """Make the claim's lease end ``lease_s`` from now; return the new expiry."""
-        return self._run(self._extend(agent_id, message_id, lease_s))[0]
+    def nack(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        *,
+        receipt: str | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        """Give a claim back (by id or receipt), now or after ``delay_s``. NotFound if it is
+        not held, :class:`StaleReceipt` if the receipt is no longer current."""
+        self._run(self._nack(agent_id, message_id, receipt, delay_s))
+
+    def extend(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        lease_s: float = 0.0,
+        *,
+        receipt: str | None = None,
+    ) -> datetime:
+        """Make the claim's lease (by id or receipt) end ``lease_s`` (> 0) from now; return
+        the new expiry."""
+        return self._run(self._extend(agent_id, message_id, receipt, lease_s))[0]
 
     def status(self) -> dict[str, Any]:
         """The daemon's status or, without one, a summary of the files."""
@@ -1458,8 +1631,11 @@ class Subscription(Iterator[Delivery]):
                         raise
                     self._conn = conn
                     for push in early:
-                        m, n, t = _claimed(push["params"])
-                        self._queue.append(Delivery(self.agent_id, m, n, t, "socket", self.client))
+                        m, n, t, r = _claimed(push["params"])
+                        delivery = Delivery(
+                            self.agent_id, m, n, t, "socket", self.client, receipt=r
+                        )
+                        self._queue.append(delivery)
                     continue
                 except Unavailable:
                     if not self.client.fallback:
@@ -1472,11 +1648,12 @@ class Subscription(Iterator[Delivery]):
                     self._conn = None
                     continue
                 if msg is not None and msg.get("method") == "message":
-                    m, n, t = _claimed(msg["params"])
-                    self._queue.append(Delivery(self.agent_id, m, n, t, "socket", self.client))
+                    m, n, t, r = _claimed(msg["params"])
+                    delivery = Delivery(self.agent_id, m, n, t, "socket", self.client, receipt=r)
+                    self._queue.append(delivery)
                 continue
-            for m, n, t in self.client._files.fetch(self.agent_id, 1, 0.0):
-                self._queue.append(Delivery(self.agent_id, m, n, t, "file", self.client))
+            for m, n, t, r in self.client._files.fetch(self.agent_id, 1, 0.0):
+                self._queue.append(Delivery(self.agent_id, m, n, t, "file", self.client, receipt=r))
             if not self._queue:
                 time.sleep(self._poll if left is None else min(self._poll, left))
         return self._queue.pop(0)
@@ -1628,19 +1805,35 @@ class AsyncClient(_Base):
     async def fetch(self, agent_id: str, max: int = 1, wait_s: float = 0.0) -> list[AsyncDelivery]:
         """See :meth:`Client.fetch`."""
         items, via = await self._run(self._fetch(agent_id, max, wait_s))
-        return [AsyncDelivery(agent_id, m, n, t, via, self) for m, n, t in items]
+        return [AsyncDelivery(agent_id, m, n, t, via, self, receipt=r) for m, n, t, r in items]
 
-    async def ack(self, agent_id: str, message_ids: Iterable[str]) -> int:
+    async def ack(
+        self, agent_id: str, message_ids: Iterable[str] = (), *, receipts: Iterable[str] = ()
+    ) -> int:
         """See :meth:`Client.ack`."""
-        return (await self._run(self._ack(agent_id, message_ids)))[0]
+        return (await self._run(self._ack(agent_id, message_ids, receipts)))[0]
 
-    async def nack(self, agent_id: str, message_id: str, *, delay_s: float = 0.0) -> None:
+    async def nack(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        *,
+        receipt: str | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
         """See :meth:`Client.nack`."""
-        await self._run(self._nack(agent_id, message_id, delay_s))
+        await self._run(self._nack(agent_id, message_id, receipt, delay_s))
 
-    async def extend(self, agent_id: str, message_id: str, lease_s: float) -> datetime:
+    async def extend(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        lease_s: float = 0.0,
+        *,
+        receipt: str | None = None,
+    ) -> datetime:
         """See :meth:`Client.extend`."""
-        return (await self._run(self._extend(agent_id, message_id, lease_s)))[0]
+        return (await self._run(self._extend(agent_id, message_id, receipt, lease_s)))[0]
 
     async def status(self) -> dict[str, Any]:
         """See :meth:`Client.status`."""
@@ -1735,8 +1928,10 @@ class AsyncSubscription(AsyncIterator[AsyncDelivery]):
                         raise
                     self._conn = conn
                     for push in early:
-                        m, n, t = _claimed(push["params"])
-                        delivery = AsyncDelivery(self.agent_id, m, n, t, "socket", self.client)
+                        m, n, t, r = _claimed(push["params"])
+                        delivery = AsyncDelivery(
+                            self.agent_id, m, n, t, "socket", self.client, receipt=r
+                        )
                         self._queue.append(delivery)
                     continue
                 except Unavailable:
@@ -1750,12 +1945,15 @@ class AsyncSubscription(AsyncIterator[AsyncDelivery]):
                     self._conn = None
                     continue
                 if msg is not None and msg.get("method") == "message":
-                    m, n, t = _claimed(msg["params"])
-                    self._queue.append(AsyncDelivery(self.agent_id, m, n, t, "socket", self.client))
+                    m, n, t, r = _claimed(msg["params"])
+                    self._queue.append(
+                        AsyncDelivery(self.agent_id, m, n, t, "socket", self.client, receipt=r)
+                    )
                 continue
             claims = await asyncio.to_thread(self.client._files.fetch, self.agent_id, 1, 0.0)
-            for m, n, t in claims:
-                self._queue.append(AsyncDelivery(self.agent_id, m, n, t, "file", self.client))
+            for m, n, t, r in claims:
+                delivery = AsyncDelivery(self.agent_id, m, n, t, "file", self.client, receipt=r)
+                self._queue.append(delivery)
             if not self._queue:
                 await asyncio.sleep(self._poll if left is None else min(self._poll, left))
         return self._queue.pop(0)
