@@ -85,6 +85,8 @@ def test_send_fetch_ack_round_trip_through_socket(root: Path) -> None:
         assert re.fullmatch(r"MSG-\d{8}-\d{6}-\d{9}-PID.{5}-\d{4}", sent.message_id)
         assert bus.send(message(2)).message_id == "m-000002"
         assert bus.send(message(2)).duplicate
+        # bob fetched nothing yet: both are inbox files, so the ack lands in the ledger
+        wait_for(lambda: len(files(root / "inbox" / "bob")) == 2, what="two inbox files")
         got = bus.fetch("bob", max=10, wait_s=5)
         if len(got) < 2:
             got += bus.fetch("bob", max=10, wait_s=5)

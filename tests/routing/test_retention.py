@@ -6,16 +6,20 @@ import json
 import os
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from busd.config import load_config
 from busd.routing.consumer import Consumer
 from busd.routing.retention import TMP_MAX_AGE_S, gc
 from busd.routing.router import Router
+from busd.store.journal import Journal, JournalEntry, Position
 from busd.store.layout import init_bus
 from busd.store.ledger import LedgerRecord, ProcessedLedger, rfc3339
+from conftest import Bus
 from daemon_harness import BUSD, drop, message
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,3 +119,30 @@ def test_busd_gc_command(tmp_path: Path) -> None:
         "dlq_entries": [],
         "tmp_files": [],
     }
+
+
+def _accepted(mid: str) -> JournalEntry:
+    body = msgspec.json.encode({"message_id": mid, "body": "x" * 1000})
+    return JournalEntry(
+        event="accepted",
+        at=datetime.now(UTC),
+        message_id=mid,
+        to=["bob"],
+        message=msgspec.Raw(body),
+    )
+
+
+def test_gc_never_deletes_the_segments_the_checkpoint_has_not_passed(bus: Bus) -> None:
+    """The journal is the queue: past the size limit, gc deletes old segments only up to
+    the checkpoint's, which the daemon never moves past an unsettled memory message."""
+    config = bus.with_config(journal_segment_bytes=4096, journal_max_bytes=4096)
+    with Journal(bus.layout.journal, segment_bytes=4096) as journal:
+        for i in range(12):
+            journal.append([_accepted(f"m-{i:02d}")])
+        segments = sorted(bus.layout.journal.glob("*.ndjson"))
+        assert len(segments) >= 3
+        held = int(segments[1].stem)  # a message there is still unsettled: the floor
+        bus.layout.checkpoint_file.write_bytes(msgspec.json.encode(Position(held, 0)))
+        report = gc(config, journal=journal)
+    assert report.journal_segments == [segments[0].name]
+    assert all(p.exists() for p in segments[1:])

@@ -216,6 +216,8 @@ def test_fetch_respects_max(rpc: Rpc) -> None:
 def test_ack_settles_claims(root: Path, rpc: Rpc) -> None:
     """ack removes the claim and records the id in the ledger; an unheld id counts 0."""
     rpc("publish", {"message": message(1)})
+    # a file delivery (bob fetched nothing yet): its ack goes to the ledger
+    wait_for(lambda: files(root / "inbox" / "bob"), what="the inbox file")
     rpc("fetch", {"agent_id": "bob"})
     assert rpc("ack", {"agent_id": "bob", "message_ids": ["m-000001"]}) == {
         "acked": 1,

@@ -3,8 +3,10 @@
 :func:`gc` is what the daemon runs on a timer and ``busd gc`` runs once:
 
 * journal segments are deleted whole, oldest first, past
-  ``journal_max_age_seconds`` or beyond ``journal_max_bytes`` (never the
-  current segment);
+  ``journal_max_age_seconds`` or beyond ``journal_max_bytes``, but never the
+  current segment nor any segment at or after the checkpoint's: the journal is
+  the queue, and the checkpoint never passes a message that is neither settled
+  nor an inbox file (an agent that never consumes holds its segments);
 * each processed ledger drops records older than ``dedupe_window_seconds``
   (past the window a redelivered id is no longer recognised, which is what the
   window means);
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import msgspec
 
 from busd.config import Config
 from busd.store import dlq
 from busd.store.fsio import scan_entries
-from busd.store.journal import Journal
+from busd.store.journal import START, Journal, Position
 from busd.store.ledger import ProcessedLedger
 
 __all__ = ["TMP_MAX_AGE_S", "GcReport", "gc"]
@@ -54,6 +57,7 @@ def gc(config: Config, *, journal: Journal | None = None, now: float | None = No
         removed = j.prune(
             max_age_seconds=config.journal_max_age_seconds,
             max_total_bytes=config.journal_max_bytes,
+            keep_after=_checkpoint(layout.checkpoint_file),
         )
         report.journal_segments = [p.name for p in removed]
     finally:
@@ -73,3 +77,14 @@ def gc(config: Config, *, journal: Journal | None = None, now: float | None = No
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             continue
     return report
+
+
+def _checkpoint(path: Path) -> Position | None:
+    """The recorded checkpoint; None where no daemon ever wrote one (then every message
+    is an inbox file or settled, and the journal holds only history)."""
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Position)
+    except FileNotFoundError:
+        return None
+    except msgspec.DecodeError:
+        return START  # unreadable: keep everything rather than guess
