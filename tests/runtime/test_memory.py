@@ -187,6 +187,24 @@ def test_graceful_stop_writes_every_memory_message_for_the_daemon_less_tools(roo
     assert all("receipt" in m for m in got)
 
 
+def test_a_long_write_out_at_stop_is_not_cut_by_the_shutdown_timeout(root: Path) -> None:
+    """8,000 memory messages and a 1 s shutdown timeout: the write-out takes longer than
+    that, but each 256 files re-arm the timer, so the stop is graceful (exit 0, every
+    message a file), not forced (exit 130 with part of the queue written)."""
+    n = 8000
+    daemon = Daemon(root, env={"BUSD_SHUTDOWN_TIMEOUT_SECONDS": "1"}).ready()
+    with Rpc(root / "busd.sock") as sub, Rpc(root / "busd.sock") as pub:
+        sub("subscribe", {"agent_id": "bob", "max_in_flight": 1})
+        for start in range(0, n, 1000):
+            batch = [message(i) for i in range(start, start + 1000)]
+            pub("publish_batch", {"messages": batch}, timeout=60)
+        started = time.monotonic()
+        assert daemon.stop(timeout=120) == 0, "forced out before the write-out finished"
+        took = time.monotonic() - started
+    assert len(files(root / "inbox" / "bob")) == n
+    print(f"\n{n} memory messages written out at stop in {took:.1f} s")  # noqa: T201
+
+
 def test_after_sigkill_the_daemon_less_recv_rebuilds_every_unacked_message(root: Path) -> None:
     """SIGKILL with messages only in memory: the daemon-less pass rebuilds them from the
     journal (the checkpoint never passed them), and the acked one never comes back."""

@@ -254,7 +254,7 @@ class Daemon(ConsumerMethods):
             parts = self._running
             with anyio.CancelScope(shield=True):
                 # Every memory message becomes a file: the daemon-less tools see the queue.
-                await parts.memory.write_out(everything=True)
+                await parts.memory.write_out(everything=True, progress=self._rearm_force_timer)
                 floor = parts.memory.floor()
                 await anyio.to_thread.run_sync(parts.deliverer.final_checkpoint, floor)
             self._running.router.close()
@@ -280,6 +280,15 @@ class Daemon(ConsumerMethods):
         timer.daemon = True
         timer.start()
         self._force_timer = timer
+
+    def _rearm_force_timer(self) -> None:
+        """The stop is making progress (a chunk of memory written out): restart the timer.
+
+        Called from a worker thread; only a timer a stop signal armed is re-armed."""
+        timer = self._force_timer
+        if timer is not None:
+            timer.cancel()
+            self._arm_force_timer()
 
     def _force(self) -> None:
         _log.error("daemon_forced_exit", timeout_s=self.config.shutdown_timeout_seconds)

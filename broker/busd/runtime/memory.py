@@ -65,6 +65,7 @@ from busd.store.mailbox import arrival_clock
 __all__ = ["ConsumerMethods", "Memory", "Taken", "new_receipt", "rebuild"]
 
 _log = structlog.get_logger("busd.daemon")
+_WRITE_OUT_CHUNK = 256
 
 
 def new_receipt(ref: Ref, count: int) -> str:
@@ -254,8 +255,14 @@ class Memory:
             self.on_returned(agent, ids)
         return set(by_agent)
 
-    async def write_out(self, *, everything: bool = False) -> int:
+    async def write_out(
+        self, *, everything: bool = False, progress: Callable[[], None] | None = None
+    ) -> int:
         """Write the ready messages of unserved agents as inbox files (all: ``everything``).
+
+        ``progress`` is called (in the worker thread) after every
+        :data:`_WRITE_OUT_CHUNK` files: a graceful stop re-arms its force-exit timer
+        there, which then bounds a stalled write-out, not a long one.
 
         In the delivery lane, so a checkpoint syncs the files before it covers
         them. A failure puts the messages back in memory (nothing lost; some
@@ -276,7 +283,7 @@ class Memory:
         async with self._deliverer.lane:
             drained = [(a, self.queues.drain(a)) for a in agents]
             try:
-                await anyio.to_thread.run_sync(self._write, drained)
+                await anyio.to_thread.run_sync(self._write, drained, progress)
             except (BusdError, OSError) as exc:
                 _log.error("memory_write_out_failed", error=str(exc))
                 for agent, refs in drained:
@@ -302,17 +309,25 @@ class Memory:
                 out[ref.message_id] = bytes(entry.message)
         return out
 
-    def _write(self, drained: list[tuple[str, list[tuple[Ref, int]]]]) -> None:
-        for agent, refs in drained:
-            bodies = self._bodies(ref for ref, _ in refs)
-            self._router.write_out(
-                agent,
-                [
-                    (r.message_id, bodies[r.message_id], c)
-                    for r, c in refs
-                    if r.message_id in bodies
-                ],
-            )
+    def _write(
+        self,
+        drained: list[tuple[str, list[tuple[Ref, int]]]],
+        progress: Callable[[], None] | None = None,
+    ) -> None:
+        for agent, all_refs in drained:
+            for i in range(0, len(all_refs), _WRITE_OUT_CHUNK):
+                refs = all_refs[i : i + _WRITE_OUT_CHUNK]
+                bodies = self._bodies(ref for ref, _ in refs)
+                self._router.write_out(
+                    agent,
+                    [
+                        (r.message_id, bodies[r.message_id], c)
+                        for r, c in refs
+                        if r.message_id in bodies
+                    ],
+                )
+                if progress is not None:
+                    progress()
 
     async def _exhausted(
         self,
