@@ -171,6 +171,17 @@ def _subscriber(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     return _timed(start, count, latencies_ms=latencies)
 
 
+def _wait_drained(outbox: Path, deadline: float) -> None:
+    """Until no visible file is left in ``outbox`` (every one journaled)."""
+    while True:
+        with os.scandir(outbox) as it:
+            if not any(not e.name.startswith(".") for e in it):
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError("the outbox did not drain")
+        time.sleep(0.005)
+
+
 def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     """Rename ``count`` staged files into ``outbox/<sender>/``.
 
@@ -186,13 +197,7 @@ def drop_files(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     for p in staged:
         os.rename(p, outbox / p.name[len("stage-") :])
     deadline = start + args["timeout"]
-    while True:
-        with os.scandir(outbox) as it:
-            if not any(not e.name.startswith(".") for e in it):
-                break
-        if time.monotonic() > deadline:
-            raise TimeoutError("the outbox did not drain")
-        time.sleep(0.005)
+    _wait_drained(outbox, deadline)
     inboxes = [root / "inbox" / a for a in args["agents"]]
     while sum(count_files(d) for d in inboxes) < len(staged):
         if time.monotonic() > deadline:
@@ -218,13 +223,7 @@ def drop_files_served(args: dict[str, Any], barrier: Any) -> dict[str, Any]:
     for p in staged:
         os.rename(p, outbox / p.name[len("stage-") :])
     deadline = start + args["timeout"]
-    while True:
-        with os.scandir(outbox) as it:
-            if not any(not e.name.startswith(".") for e in it):
-                break
-        if time.monotonic() > deadline:
-            raise TimeoutError("the outbox did not drain")
-        time.sleep(0.005)
+    _wait_drained(outbox, deadline)
     while True:
         agents = rpc("status")["agents"]
         held = sum(

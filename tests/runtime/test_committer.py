@@ -89,18 +89,24 @@ def test_publish_after_reconfigure_routes_by_the_new_topics(bus: Bus) -> None:
         assert metrics.totals()["accepted"] == 1
 
 
+def _count_appends(router: Router) -> list[int]:
+    """The size of every journal append ``router`` makes from now on."""
+    appends: list[int] = []
+    real_append = router.journal.append_at
+
+    def append(entries: list[object]) -> object:
+        appends.append(len(entries))
+        return real_append(entries)  # type: ignore[arg-type]
+
+    router.journal.append_at = append  # type: ignore[method-assign,assignment]
+    return appends
+
+
 def test_concurrent_publishes_share_commits(bus: Bus) -> None:
     """Group commit: 20 publish calls at once need far fewer than 20 journal appends."""
     with Router(bus.config) as router:
         committer, deliverer, metrics = _parts(router)
-        appends: list[int] = []
-        real_append = router.journal.append_at
-
-        def append(entries: list[object]) -> object:
-            appends.append(len(entries))
-            return real_append(entries)  # type: ignore[arg-type]
-
-        router.journal.append_at = append  # type: ignore[method-assign,assignment]
+        appends = _count_appends(router)
 
         async def main() -> None:
             async with anyio.create_task_group() as tg:
@@ -124,14 +130,7 @@ def test_acks_share_a_commit_and_return_only_once_journaled(bus: Bus) -> None:
     concurrent ones share appends, and ``record_soon`` lines ride along without a commit."""
     with Router(bus.config) as router:
         committer, deliverer, _ = _parts(router)
-        appends: list[int] = []
-        real_append = router.journal.append_at
-
-        def append(entries: list[object]) -> object:
-            appends.append(len(entries))
-            return real_append(entries)  # type: ignore[arg-type]
-
-        router.journal.append_at = append  # type: ignore[method-assign,assignment]
+        appends = _count_appends(router)
         now = datetime.now(UTC)
 
         def acked(i: int) -> JournalEntry:
