@@ -385,3 +385,26 @@ def test_cli_run_set_bad_key_exits_78(tmp_path: Path) -> None:
     level = _busd("run", "--root", str(root), "--log-level", "loud", cwd=tmp_path)
     assert level.returncode == EX_CONFIG
     assert "log_level" in level.stderr
+
+
+def test_conductor_tables_and_compat(tmp_path: Path) -> None:
+    """[[conductor.follow]] / [[conductor.mirror]] load beside [busd]; paths resolve
+    against the root; a bad recipient names the key."""
+    cfg_file = _write(
+        tmp_path / "busd.toml",
+        '[busd]\ncompat = "tapps"\n'
+        '[[conductor.follow]]\npath = "proj/MESSAGE-BUS.md"\nto = "topic:conductor"\n'
+        '[[conductor.mirror]]\npath = "/abs/BUS.md"\ntopic = "releases"\n',
+    )
+    cfg = load_config(root=str(tmp_path / "bus"), config_file=str(cfg_file), env={})
+    assert cfg.compat == "tapps"
+    (follow,) = cfg.conductor.follow
+    assert (follow.path, follow.to) == ("proj/MESSAGE-BUS.md", "topic:conductor")
+    assert cfg.resolve(follow.path) == tmp_path / "bus" / "proj" / "MESSAGE-BUS.md"
+    assert cfg.resolve(cfg.conductor.mirror[0].path) == Path("/abs/BUS.md")
+    bad = _write(tmp_path / "bad.toml", '[[conductor.follow]]\npath = "x"\nto = "a/b"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(root=str(tmp_path / "bus"), config_file=str(bad), env={})
+    assert info.value.context["key"] == "conductor"
+    with pytest.raises(ConfigError):
+        load_config(root=str(tmp_path / "bus"), env={"BUSD_COMPAT": "rabbit"})

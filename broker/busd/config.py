@@ -29,6 +29,10 @@ from busd.store.layout import Layout
 
 __all__ = [
     "ENV_PREFIX",
+    "TABLES",
+    "Conductor",
+    "ConductorFollow",
+    "ConductorMirror",
     "Config",
     "ConfigLoader",
     "endpoints",
@@ -42,6 +46,33 @@ ENV_PREFIX = "BUSD_"
 _Positive = Annotated[float, msgspec.Meta(gt=0)]
 _PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 _Uid = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConductorFollow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[conductor.follow]]`` entry: a conductor-loop bus file (or a directory
+    searched for ``*MESSAGE-BUS.md``) whose messages the daemon routes to ``to``."""
+
+    path: str
+    to: str
+
+
+class ConductorMirror(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[conductor.mirror]]`` entry: messages to ``topic:<topic>`` are appended
+    to the conductor-loop bus file ``path`` in conductor's own format."""
+
+    path: str
+    topic: str
+
+
+class Conductor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[conductor]`` table. Relative paths are relative to the bus root."""
+
+    follow: list[ConductorFollow] = []
+    mirror: list[ConductorMirror] = []
+
+
+TABLES = frozenset({"conductor"})
+"""Tables a config file may hold at top level beside ``[busd]``."""
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +108,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     allowed_uids: list[_Uid] = []
     allowed_gids: list[_Uid] = []
     max_connections: _PositiveInt = 1024
+    # compatibility with the systems busd grew from (docs/compatibility.md)
+    compat: Literal["none", "tapps"] = "none"
+    conductor: Conductor = msgspec.field(default_factory=Conductor)
     # logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -85,6 +119,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def layout(self) -> Layout:
         """The layout of :attr:`root`."""
         return Layout(Path(self.root))
+
+    def resolve(self, path: str) -> Path:
+        """``path`` from the config, made absolute against the bus root."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.root) / p
 
 
 _KEYS = frozenset(f for f in Config.__struct_fields__)
@@ -144,8 +183,8 @@ def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
     # [busd] is optional: a file holds the keys at top level or in that table, not both.
     table = data
     if isinstance(data.get("busd"), dict):
-        table = data["busd"]
-        stray = sorted(k for k in data if k != "busd")
+        table = {**data["busd"], **{k: v for k, v in data.items() if k in TABLES}}
+        stray = sorted(k for k in data if k != "busd" and k not in TABLES)
         if stray:
             raise ConfigError(
                 f"config file {path}: keys outside [busd]: {', '.join(stray)}", key=stray[0]
@@ -234,6 +273,15 @@ def _check_names(config: Config, merged: dict[str, tuple[Any, str]]) -> None:
     except InvalidName as exc:
         raise ConfigError(
             f"subscriptions (from {source('subscriptions')}): {exc.message}", key="subscriptions"
+        ) from exc
+    try:
+        for follow in config.conductor.follow:
+            check_agent_name(follow.to.removeprefix("topic:"), "conductor.follow.to")
+        for mirror in config.conductor.mirror:
+            check_agent_name(mirror.topic, "conductor.mirror.topic")
+    except InvalidName as exc:
+        raise ConfigError(
+            f"conductor (from {source('conductor')}): {exc.message}", key="conductor"
         ) from exc
 
 

@@ -220,12 +220,12 @@ def test_encode_markdown_format() -> None:
 
 
 def test_to_builtins() -> None:
-    """to_builtins gives JSON-model data with the tag and without defaults."""
+    """to_builtins gives JSON-model data with the tag; explicit defaults stay, absent stay out."""
     msg = decode(jbytes(envelope("task_assignment", priority="medium")))
     data = to_builtins(msg)
     assert data["message_type"] == "task_assignment"
     assert data["created_at"] == "2024-05-01T10:00:00Z"
-    assert "priority" not in data and "body" not in data
+    assert data["priority"] == "medium" and "body" not in data and "inputs" not in data
 
 
 def test_empty_body_normalised() -> None:
@@ -361,7 +361,7 @@ BAD_FIELDS: list[tuple[dict[str, Any], str]] = [
     (envelope(created_at="yesterday"), "$.created_at"),
     (envelope(workflow_id=""), "$.workflow_id"),
     (envelope(task_id=7), "$.task_id"),
-    (envelope(agent_id="PRN"), "$.agent_id"),
+    (envelope(agent_id="a\nb"), "$.agent_id"),
     (envelope(to=["ok", "a:b"]), "$.to[1]"),
     (envelope(to="topic:con"), "$.to"),
     (envelope(idempotency_key="x" * 257), "$.idempotency_key"),
@@ -396,28 +396,43 @@ def test_missing_tag() -> None:
 
 
 @pytest.mark.parametrize(
-    "agent_id",
-    [
-        "a:b",
-        "a/b",
-        "..",
-        "../up",
-        "a\x00",
-        ".hidden",
-        "x" * 10_000,
-        "CON",
-        "com1.txt",
-        "Lpt9",
-        "a.",
-    ],
+    "agent_id", ["", "a\x00", "a\nb", "tab\there", "\x7f", "c1\x85", "x" * 257]
 )
 def test_bad_agent_ids(agent_id: str) -> None:
-    """Unsafe agent ids are SCHEMA at $.agent_id, in both encodings."""
+    """agent_id is free text: empty, over 256 characters or with a control character is
+    SCHEMA at $.agent_id, in both encodings."""
     err = rejected(jbytes(envelope(agent_id=agent_id)))
     assert (err.reason, err.path) == (Reason.SCHEMA, "$.agent_id")
     header = MD_BASE.replace("agent_id: a\n", f"agent_id: {json.dumps(agent_id)}\n")
     err = rejected(md(header))
     assert (err.reason, err.path) == (Reason.SCHEMA, "$.agent_id")
+
+
+@pytest.mark.parametrize("agent_id", ["Builder Agent", "a:b", "a/b", "..", "CON", "a.", "ü"])
+def test_agent_id_is_free_text(agent_id: str) -> None:
+    """Names other systems write (spaces, slashes, device names) are valid agent ids:
+    agent_id names a producer and never becomes a directory."""
+    msg = decode(jbytes(envelope(agent_id=agent_id)))
+    assert msg.agent_id == agent_id
+    assert decode(encode_json(msg)) == msg
+
+
+def test_delivery_keeps_explicit_defaults_and_integers() -> None:
+    """An explicit default stays and an integer stays an integer in the canonical JSON
+    (a Tapps producer's "priority": "medium" and "timeout_seconds": 900)."""
+    data = envelope("task_assignment", priority="medium", timeout_seconds=900, inputs={})
+    out = json.loads(encode_json(decode(jbytes(data))))
+    assert out["priority"] == "medium" and out["inputs"] == {}
+    assert out["timeout_seconds"] == 900 and isinstance(out["timeout_seconds"], int)
+    update = json.loads(
+        encode_json(decode(jbytes(envelope("status_update", status="queued", progress_percent=40))))
+    )
+    assert isinstance(update["progress_percent"], int)
+    fraction = decode(jbytes(envelope("task_assignment", timeout_seconds=1.5)))
+    assert isinstance(fraction, TaskAssignment) and fraction.timeout_seconds == 1.5
+    bare = decode(jbytes(envelope("task_assignment")))
+    assert isinstance(bare, TaskAssignment) and bare.effective_priority == "medium"
+    assert "priority" not in json.loads(encode_json(bare))
 
 
 @pytest.mark.parametrize(

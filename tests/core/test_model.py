@@ -138,13 +138,16 @@ def test_optional_fields_may_be_null() -> None:
     assert msg.to is None
 
 
-def test_null_defaults_become_defaults() -> None:
-    """null priority/inputs/retry_policy/results become their defaults."""
+def test_null_defaults_read_as_absent() -> None:
+    """null priority/inputs/retry_policy/results are as if left out: effective priority
+    medium, and nothing written back for them."""
     ta = convert(envelope("task_assignment", priority=None, inputs=None, retry_policy=None))
     assert isinstance(ta, TaskAssignment)
-    assert (ta.priority, ta.inputs, ta.retry_policy) == ("medium", {}, {})
+    assert (ta.priority, ta.inputs, ta.retry_policy) == (None, None, None)
+    assert ta.effective_priority == "medium"
+    assert set(msgspec.to_builtins(ta)) == set(envelope("task_assignment"))
     tc = convert(envelope("task_complete", status="failed", results=None))
-    assert isinstance(tc, TaskComplete) and tc.results == {}
+    assert isinstance(tc, TaskComplete) and tc.results is None
 
 
 def test_created_at_normalised_to_utc() -> None:
@@ -243,9 +246,15 @@ def test_check_agent_name_rejects(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_struct_rejects_bad_agent_id(name: str) -> None:
-    """The same names fail validation at $.agent_id."""
-    assert "$.agent_id" in convert_error(envelope("fact", agent_id=name))
+def test_struct_accepts_free_text_agent_id(name: str) -> None:
+    """agent_id is free text (schema 1.1): names unsafe as directories are valid there,
+    and the same names still fail as a recipient."""
+    if name == "" or len(name) > 256 or any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):
+        assert "$.agent_id" in convert_error(envelope("fact", agent_id=name))
+        return
+    assert convert(envelope("fact", agent_id=name)).agent_id == name
+    if name.strip() and len(name) <= 64 and "/" not in name and "\\" not in name:
+        assert "$.to" in convert_error(envelope("fact", to=name))
 
 
 @pytest.mark.parametrize("name", GOOD_NAMES)
@@ -393,17 +402,23 @@ def test_nesting_limit(message_type: str, field: str) -> None:
 
 
 def test_task_assignment_defaults() -> None:
-    """Defaults: priority medium, empty inputs and retry policy."""
+    """Left out: priority None (effective "medium"), inputs and retry policy None."""
     msg = convert(envelope("task_assignment"))
     assert isinstance(msg, TaskAssignment)
-    assert msg.priority == "medium" and msg.inputs == {} and msg.retry_policy == {}
+    assert msg.priority is None and msg.effective_priority == "medium"
+    assert msg.inputs is None and msg.retry_policy is None
     assert msg.assigned_to is None and msg.timeout_seconds is None
 
 
-def test_defaults_omitted_when_encoded() -> None:
-    """omit_defaults: unset optionals and defaults do not appear in builtins."""
-    msg = convert(envelope("task_assignment", priority="medium"))
-    assert set(msgspec.to_builtins(msg)) == set(envelope("task_assignment"))
+def test_explicit_defaults_kept_when_encoded() -> None:
+    """What the producer wrote comes back: an explicit "medium" and {} stay, absent stays out."""
+    msg = convert(envelope("task_assignment", priority="medium", inputs={}))
+    assert set(msgspec.to_builtins(msg)) == set(envelope("task_assignment")) | {
+        "priority",
+        "inputs",
+    }
+    bare = convert(envelope("task_assignment"))
+    assert set(msgspec.to_builtins(bare)) == set(envelope("task_assignment"))
 
 
 def test_messages_are_frozen() -> None:
@@ -422,7 +437,8 @@ def test_direct_construction_checks_names() -> None:
             created_at=WHEN,
             workflow_id="w",
             task_id="t",
-            agent_id="nul",
+            agent_id="a",
+            to="nul",
         )
 
 

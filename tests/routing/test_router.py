@@ -141,7 +141,7 @@ def test_group_commit_appends_the_journal_once_per_batch(bus: Bus) -> None:
     paths = [drop(bus, f"f{i:02d}.json", message_bytes(f"m-{i:02d}")) for i in range(47)]
     paths.append(drop(bus, "dup.json", message_bytes("m-00")))
     paths.append(drop(bus, "bad.json", b"{not json"))
-    paths.append(drop(bus, "bad2.json", message_bytes("m-x", agent_id="../evil")))
+    paths.append(drop(bus, "bad2.json", message_bytes("m-x", to="../evil")))
     journal = CountingJournal(bus.layout.journal)
     with Router(bus.config, journal=journal) as router:
         report = router.route(paths)

@@ -9,8 +9,15 @@ raises :class:`ValueError` for them, so build messages from untrusted data via
 :mod:`busd.codec`, never by calling the constructors.
 
 Invariants of every constructed message: ``created_at`` is an aware datetime
-in UTC; ``body`` is ``None`` or a non-empty string; ``priority`` is never
-``None``; ``inputs``, ``retry_policy`` and ``results`` are dicts, never ``None``.
+in UTC; ``body`` is ``None`` or a non-empty string.
+
+Fidelity (schema 1.1): a message keeps the fields its producer wrote. A field
+left out stays out (``priority`` absent means "medium", ``inputs`` absent means
+``{}``), an explicit default stays explicit (``"priority": "medium"``), and a
+number keeps its JSON kind (``900`` stays an integer, ``900.5`` a float).
+``agent_id`` names the producer in free text (``"Builder Agent"``); only names
+that become directories (recipients, topics, ``assigned_to``) keep the strict
+:data:`AGENT_NAME_PATTERN`.
 
 Error messages raised from ``__post_init__`` end in `` - at `$.field` ``, the
 form msgspec uses for its own errors: msgspec does not add a path for errors
@@ -30,6 +37,7 @@ from msgspec import Meta
 from busd.errors import InvalidName
 
 __all__ = [
+    "AGENT_ID_MAX",
     "AGENT_NAME_PATTERN",
     "MAX_NESTING",
     "MESSAGE_ID_PATTERN",
@@ -63,6 +71,8 @@ AGENT_NAME_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z"
 """Agent names (also topic names). Besides matching, a name must not end with
 ``.`` and its part before the first ``.`` must not be a Windows device name."""
 TOPIC_PREFIX: Final = "topic:"
+AGENT_ID_MAX: Final = 256
+"""Longest ``agent_id`` (characters): free text without control characters."""
 MAX_NESTING: Final = 64
 """Deepest nesting of lists/objects in metadata, inputs, retry_policy, results
 (the field's own object is level 1). Bounded so that every valid message also
@@ -83,6 +93,12 @@ _MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
 _AgentName = Annotated[str, Meta(pattern=AGENT_NAME_PATTERN)]
 _RecipientList = Annotated[list[_AgentName], Meta(min_length=1, max_length=256)]
 _ShortText = Annotated[str, Meta(min_length=1, max_length=256)]
+_AgentText = Annotated[
+    str, Meta(min_length=1, max_length=AGENT_ID_MAX, pattern=r"^[^\x00-\x1f\x7f-\x9f]+\Z")
+]
+# Two branches so that each keeps its JSON kind: 900 decodes (and encodes) as an int.
+_PositiveNumber = Annotated[int, Meta(ge=1)] | Annotated[float, Meta(gt=0)]
+_Percent = Annotated[int, Meta(ge=0, le=100)] | Annotated[float, Meta(ge=0, le=100)]
 _UtcDatetime = Annotated[_dt.datetime, Meta(tz=True)]
 _Priority = Literal["low", "medium", "high"]
 _TaskState = Literal["queued", "in_progress", "blocked", "failed", "completed"]
@@ -164,7 +180,7 @@ class MessageBase(
     created_at: _UtcDatetime
     workflow_id: _ShortText
     task_id: _ShortText
-    agent_id: _AgentName
+    agent_id: _AgentText
     # The str branch carries no Meta pattern on purpose: msgspec 0.22 can crash
     # the interpreter at exit (msgspec issue #717) when a union mixes a
     # pattern-constrained str with a list; __post_init__ checks it instead.
@@ -191,7 +207,6 @@ class MessageBase(
                     "created_at is out of range once converted to UTC - at `$.created_at`"
                 ) from None
             msgspec.structs.force_setattr(self, "created_at", created)
-        _check_name_field(self.agent_id, "$.agent_id")
         to = self.to
         if isinstance(to, str):
             if _RECIPIENT_RE.match(to) is None:
@@ -211,25 +226,29 @@ class MessageBase(
 
 
 class TaskAssignment(MessageBase, tag="task_assignment", frozen=True):
-    """Work for an agent. ``assigned_to`` is the recipient when ``to`` is unset."""
+    """Work for an agent. ``assigned_to`` is the recipient when ``to`` is unset.
+
+    Absent (or ``null``) ``priority`` means "medium", absent ``inputs`` and
+    ``retry_policy`` mean ``{}``; they stay absent so delivery keeps what the
+    producer wrote (see :attr:`effective_priority`).
+    """
 
     assigned_to: _AgentName | None = None
-    priority: _Priority | None = "medium"
-    inputs: dict[str, Any] | None = msgspec.field(default_factory=dict)
-    timeout_seconds: Annotated[float, Meta(gt=0)] | None = None
-    retry_policy: dict[str, Any] | None = msgspec.field(default_factory=dict)
+    priority: _Priority | None = None
+    inputs: dict[str, Any] | None = None
+    timeout_seconds: _PositiveNumber | None = None
+    retry_policy: dict[str, Any] | None = None
+
+    @property
+    def effective_priority(self) -> str:
+        """``priority``, or its default "medium" when the producer left it out."""
+        return self.priority or "medium"
 
     def __post_init__(self) -> None:
-        """Base checks; ``null`` priority/inputs/retry_policy become their defaults."""
+        """Base checks, and the name rule for ``assigned_to``."""
         super().__post_init__()
         if self.assigned_to is not None:
             _check_name_field(self.assigned_to, "$.assigned_to")
-        if self.priority is None:
-            msgspec.structs.force_setattr(self, "priority", "medium")
-        if self.inputs is None:
-            msgspec.structs.force_setattr(self, "inputs", {})
-        if self.retry_policy is None:
-            msgspec.structs.force_setattr(self, "retry_policy", {})
         _check_nesting(self.inputs, "$.inputs")
         _check_nesting(self.retry_policy, "$.retry_policy")
 
@@ -238,21 +257,19 @@ class StatusUpdate(MessageBase, tag="status_update", frozen=True):
     """Where a task stands; ``progress_percent`` is within 0..100."""
 
     status: _TaskState
-    progress_percent: Annotated[float, Meta(ge=0, le=100)] | None = None
+    progress_percent: _Percent | None = None
     current_step: str | None = None
 
 
 class TaskComplete(MessageBase, tag="task_complete", frozen=True):
-    """The final outcome of a task; ``results`` is never ``None``."""
+    """The final outcome of a task; absent ``results`` means ``{}``."""
 
     status: _FinalState
-    results: dict[str, Any] | None = msgspec.field(default_factory=dict)
+    results: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        """Base checks; ``null`` results become ``{}``."""
+        """Base checks and the nesting bound of ``results``."""
         super().__post_init__()
-        if self.results is None:
-            msgspec.structs.force_setattr(self, "results", {})
         _check_nesting(self.results, "$.results")
 
 
