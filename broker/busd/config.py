@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -30,11 +32,13 @@ from busd.store.layout import Layout
 __all__ = [
     "ENV_PREFIX",
     "TABLES",
+    "Bridge",
     "Conductor",
     "ConductorFollow",
     "ConductorMirror",
     "Config",
     "ConfigLoader",
+    "default_bus_name",
     "endpoints",
     "find_root",
     "load_config",
@@ -46,6 +50,26 @@ ENV_PREFIX = "BUSD_"
 _Positive = Annotated[float, msgspec.Meta(gt=0)]
 _PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 _Uid = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def default_bus_name(host: str | None = None) -> str:
+    """The host name reduced to the agent-id rule: the default ``bus_name``.
+
+    Only the first label of a dotted name is kept (``build-1.example.org`` ->
+    ``build-1``); characters outside ``[A-Za-z0-9._-]`` become ``-``.
+    """
+    name = (host if host is not None else socket.gethostname()).split(".", 1)[0]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64]
+    if not name or not re.match(r"[A-Za-z0-9_]", name):
+        name = f"bus{name}"[:64] if name else "bus"
+    if name.upper() in _DEVICE_NAMES:
+        name = f"{name}-bus"
+    return name
+
+
+_DEVICE_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)]
+)
 
 
 class ConductorFollow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -71,7 +95,16 @@ class Conductor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mirror: list[ConductorMirror] = []
 
 
-TABLES = frozenset({"conductor"})
+class Bridge(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``[bridge]`` table: ``busd bridge nats`` (docs/multi-host.md)."""
+
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "BUSD"
+    topics: list[str] = []
+    ordered: bool = False
+
+
+TABLES = frozenset({"conductor", "bridge"})
 """Tables a config file may hold at top level beside ``[busd]``."""
 
 
@@ -111,6 +144,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # compatibility with the systems busd grew from (docs/compatibility.md)
     compat: Literal["none", "tapps"] = "none"
     conductor: Conductor = msgspec.field(default_factory=Conductor)
+    # multi-host (docs/multi-host.md)
+    bus_name: str = msgspec.field(default_factory=default_bus_name)
+    bridge: Bridge = msgspec.field(default_factory=Bridge)
     # logs
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -274,6 +310,17 @@ def _check_names(config: Config, merged: dict[str, tuple[Any, str]]) -> None:
         raise ConfigError(
             f"subscriptions (from {source('subscriptions')}): {exc.message}", key="subscriptions"
         ) from exc
+    try:
+        check_agent_name(config.bus_name, "bus_name")
+    except InvalidName as exc:
+        raise ConfigError(
+            f"bus_name (from {source('bus_name')}): {exc.message}", key="bus_name"
+        ) from exc
+    try:
+        for topic in config.bridge.topics:
+            check_agent_name(topic, "bridge.topics")
+    except InvalidName as exc:
+        raise ConfigError(f"bridge (from {source('bridge')}): {exc.message}", key="bridge") from exc
     try:
         for follow in config.conductor.follow:
             check_agent_name(follow.to.removeprefix("topic:"), "conductor.follow.to")
