@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from busd.config import Config, load_config
 from busd.store.layout import Layout, init_bus
 from daemon_harness import Daemon
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """Give every test back the logging set-up it started with: a command run in process
+    (typer's CliRunner) points structlog at a stream it closes afterwards, and a later test
+    would log into the closed file ("I/O operation on closed file")."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -112,24 +113,15 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class Daemon:
-    """``busd run`` on ``root`` with JSON logs read from stderr in a thread.
-
-    ``prefix`` goes before the busd command (``setpriv ...``, ``strace ...``);
-    ``preexec`` runs in the child before it becomes busd.
-    """
+class LogProcess:
+    """A busd process whose JSON log lines on stderr are read in a thread: ``log`` holds
+    every line seen, :meth:`wait_event` waits for one."""
 
     def __init__(
-        self,
-        root: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        prefix: list[str] | None = None,
-        preexec: Callable[[], None] | None = None,
+        self, argv: list[str], env: dict[str, str] | None, preexec: Callable[[], None] | None
     ) -> None:
-        self.root = root
         self.proc = subprocess.Popen(
-            [*(prefix or []), BUSD, "run", "--root", str(root), "--log-format", "json", *args],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=clean_env(env),
@@ -151,21 +143,41 @@ class Daemon:
             self.lines.put(event)
 
     def wait_event(self, name: str, timeout: float = 15.0) -> dict[str, Any]:
-        """Block until a log line with ``event == name`` arrives."""
-        for seen in self.log:
-            if seen.get("event") == name:
-                return seen
+        """Block until a log line with ``event == name`` (one already seen counts); fail
+        once ``timeout`` passes or the process exits without it."""
         deadline = time.monotonic() + timeout
+        seen = 0
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self.proc.poll() is not None and self.lines.empty()):
+            for event in self.log[seen:]:
+                if event.get("event") == name:
+                    return event
+            seen = len(self.log)
+            if time.monotonic() > deadline or (
+                self.proc.poll() is not None and self.lines.empty() and seen == len(self.log)
+            ):
                 raise AssertionError(f"no {name!r} log line; saw {self.log[-5:]}")
-            try:
-                event = self.lines.get(timeout=min(remaining, 0.2))
-            except queue.Empty:
-                continue
-            if event.get("event") == name:
-                return event
+            with contextlib.suppress(queue.Empty):
+                self.lines.get(timeout=0.2)
+
+
+class Daemon(LogProcess):
+    """``busd run`` on ``root`` with JSON logs read from stderr in a thread.
+
+    ``prefix`` goes before the busd command (``setpriv ...``, ``strace ...``);
+    ``preexec`` runs in the child before it becomes busd.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        self.root = root
+        argv = [*(prefix or []), BUSD, "run", "--root", str(root), "--log-format", "json", *args]
+        super().__init__(argv, env, preexec)
 
     def ready(self, timeout: float = 15.0) -> Self:
         """Wait for ``daemon_ready``."""

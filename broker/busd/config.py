@@ -31,6 +31,7 @@ from busd.store.layout import Layout
 
 __all__ = [
     "ENV_PREFIX",
+    "MIRROR_AGENT_PREFIX",
     "TABLES",
     "Bridge",
     "Conductor",
@@ -42,8 +43,10 @@ __all__ = [
     "endpoints",
     "find_root",
     "load_config",
+    "mirror_agent",
     "parse_text_value",
     "socket_path",
+    "with_mirrors",
 ]
 
 ENV_PREFIX = "BUSD_"
@@ -153,13 +156,37 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     @property
     def layout(self) -> Layout:
-        """The layout of :attr:`root`."""
-        return Layout(Path(self.root))
+        """The layout of :attr:`root`; with ``compat = "tapps"`` busd's dead letters go to
+        ``dlq/busd/``, out of the glob Tapps' ``replay_dlq`` moves (store/layout.py)."""
+        return Layout(Path(self.root), dlq_subdir="busd" if self.compat == "tapps" else "")
 
     def resolve(self, path: str) -> Path:
         """``path`` from the config, made absolute against the bus root."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.root) / p
+
+
+MIRROR_AGENT_PREFIX = "conductor-mirror."
+"""Reserved: the agents named so are the daemon's conductor mirrors (queues it consumes)."""
+
+
+def mirror_agent(config: Config, mirror: ConductorMirror) -> str:
+    """The agent that subscribes ``mirror.topic`` for ``mirror.path``: a hash, not an
+    index, so that reordering the config keeps each queue with its file."""
+    key = f"{config.resolve(mirror.path)}\0{mirror.topic}".encode()
+    return MIRROR_AGENT_PREFIX + hashlib.sha256(key).hexdigest()[:8]
+
+
+def with_mirrors(config: Config, subscriptions: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """``subscriptions`` with every ``[[conductor.mirror]]`` agent subscribed to its topic:
+    what the daemon and every daemon-less routing pass route with."""
+    out = {topic: list(agents) for topic, agents in subscriptions.items()}
+    for m in config.conductor.mirror:
+        agents = out.setdefault(m.topic, [])
+        agent = mirror_agent(config, m)
+        if agent not in agents:
+            agents.append(agent)
+    return out
 
 
 _KEYS = frozenset(f for f in Config.__struct_fields__)

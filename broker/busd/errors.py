@@ -45,6 +45,8 @@ class Reason(enum.StrEnum):
     DELIVERY_LIMIT = "delivery_limit"
     REJECTED = "rejected"
     UNREADABLE = "unreadable"
+    BRIDGE_DELIVERY_LIMIT = "bridge_delivery_limit"
+    MULTIPLE_MESSAGES = "multiple_messages"
 
 
 class BusdError(Exception):

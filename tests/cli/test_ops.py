@@ -571,6 +571,7 @@ def test_doctor_finds_and_fixes_stale_socket_old_tmp_and_expired_claims(root: Pa
         "lock",
         "expired_claims",
         "tmp_files",
+        "dlq_location",
         "inotify",
         "disk_space",
         "filesystem",

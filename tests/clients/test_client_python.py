@@ -165,6 +165,19 @@ def test_send_without_daemon_writes_outbox_then_daemon_delivers(root: Path) -> N
             assert [(d.message_id, d.via) for d in got] == [("m-000001", "socket")]
 
 
+def test_free_text_agent_id_sends_without_daemon(root: Path) -> None:
+    """An agent_id that is no directory name ("Builder Agent") drops into outbox/ itself
+    and is delivered with its fields as written (explicit default, integer)."""
+    msg = message(1, agent_id="Builder Agent", metadata={"n": 900})
+    with Client(root) as bus:
+        sent = bus.send(msg)
+        assert sent.via == "file" and sent.path is not None and sent.path.parent == root / "outbox"
+        assert route_pending(load_config(root=str(root), env={})) is not None
+        (d,) = bus.fetch("bob")
+        assert d.message["agent_id"] == "Builder Agent"
+        assert d.message["metadata"] == {"n": 900} and isinstance(d.message["metadata"]["n"], int)
+
+
 def test_file_send_is_routed_by_busd_without_daemon(root: Path) -> None:
     """A file-sent message is routed by any busd routing pass, then fetched from the files."""
     with Client(root) as bus:
@@ -583,6 +596,8 @@ _VALID = [
     _base(created_at="2026-03-01t10:00:00.123456789z", schema_version="1.7"),
     _base(created_at="2026-03-01 10:00:00-00:00", metadata=_nest(64)),
     _base(agent_id="_" + "a" * 63, message_id="A" * 128, body=None, to=None),
+    _base(agent_id="Builder Agent"),
+    _base(agent_id="a/b.CON"),
     _base(
         "task_assignment",
         assigned_to="builder",
@@ -625,12 +640,13 @@ _INVALID: list[tuple[dict[str, Any] | Any, str, str | None]] = [
     (_base(message_id="x" * 129), "schema", "$.message_id"),
     (_base(message_id="a b"), "schema", "$.message_id"),
     (_base(message_id="m\n"), "schema", "$.message_id"),
-    (_base(agent_id="a."), "schema", "$.agent_id"),
-    (_base(agent_id="Nul.txt"), "schema", "$.agent_id"),
-    (_base(agent_id="com3"), "schema", "$.agent_id"),
-    (_base(agent_id="a" * 65), "schema", "$.agent_id"),
-    (_base(agent_id="a/b"), "schema", "$.agent_id"),
-    (_base(agent_id="-a"), "schema", "$.agent_id"),
+    (_base(agent_id=""), "schema", "$.agent_id"),
+    (_base(agent_id="a\nb"), "schema", "$.agent_id"),
+    (_base(agent_id="a" * 257), "schema", "$.agent_id"),
+    (_base(agent_id="nul\x00"), "schema", "$.agent_id"),
+    (_base(to="a."), "schema", "$.to"),
+    (_base(to="com3"), "schema", "$.to"),
+    (_base(to="a/b"), "schema", "$.to"),
     (_base(to="topic:"), "schema", "$.to"),
     (_base(to="topic:a."), "schema", "$.to"),
     (_base(to=[]), "schema", "$.to"),

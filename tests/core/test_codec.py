@@ -920,3 +920,30 @@ def test_module_exports() -> None:
         "encode_markdown",
         "to_builtins",
     }
+
+
+# ---------------------------------------------------------------- multiple_messages (issue 13)
+
+_TWO_HEADERS = (
+    b"---\nmsg_id: MSG-1\nts: 2026-02-20T15:54:54Z\ntype: FACT\nworkflow_id: w\ntask_id: t\n"
+    b"agent_id: a\n---\nfirst\n\n---\nmsg_id: MSG-2\nts: 2026-02-20T15:54:55Z\ntype: FACT\n"
+    b"project_id: p\ntask_id: t\nrun_id: ''\n---\nsecond\n"
+)
+
+
+def test_a_file_with_two_headers_is_refused_as_multiple_messages() -> None:
+    with pytest.raises(InvalidMessage) as info:
+        decode(_TWO_HEADERS)
+    assert info.value.reason is Reason.MULTIPLE_MESSAGES
+    with pytest.raises(InvalidMessage) as info:
+        decode(b"\xef\xbb\xbf" + _TWO_HEADERS.replace(b"\n", b"\r\n"))
+    assert info.value.reason is Reason.MULTIPLE_MESSAGES
+
+
+def test_a_horizontal_rule_in_a_body_stays_a_single_message() -> None:
+    data = (
+        b"---\nmsg_id: m-1\ntype: FACT\nworkflow_id: w\ntask_id: t\nagent_id: a\n"
+        b"created_at: 2026-02-20T15:54:54Z\n---\nintro\n---\nnot: a header\n---\nend\n"
+    )
+    msg = decode(data)
+    assert msg.body == "intro\n---\nnot: a header\n---\nend\n"

@@ -66,7 +66,8 @@ def test_cli_rpc_and_files_give_identical_keys(tmp_path: Path) -> None:
     daemon = Daemon(root).ready()
     try:
         wait_for(lambda: list((root / "dlq").glob("*.reason.json")), what="bad.json refused")
-        wait_for(lambda: list((root / "inbox" / "bob").iterdir()), what="m-1 delivered")
+        inbox = root / "inbox" / "bob"
+        wait_for(lambda: inbox.is_dir() and list(inbox.iterdir()), what="m-1 delivered")
         on = _status_json(root, 0)
         with Rpc(root / "busd.sock") as rpc:
             raw = rpc.call("status", {})["result"]

@@ -353,7 +353,7 @@ def machine() -> dict[str, str]:
     }
 
 
-def import_breakdown(module: str = "busd.cli.main", top: int = 7) -> str:
+def import_breakdown(module: str = "busd.cli.commands", top: int = 7) -> str:
     """What ``import module`` costs, and the slowest top-level packages it pulls in."""
     ok, out = _run([sys.executable, "-X", "importtime", "-c", f"import {module}"], 60)
     packages: dict[str, int] = {}
@@ -916,6 +916,12 @@ class Bench:
                 self.record(f"busd.{key}.p99", p99, f"{p99:.2f} ms")
                 self.record(f"busd.{key}.rate", achieved, f"{achieved:,.0f} msg/s offered")
 
+    def bridge(self) -> None:
+        section("bridge: publish on bus A -> fetch on bus B over NATS, beside NATS alone")
+        from . import bridge_bench
+
+        bridge_bench.run(self, say, REPS)
+
     def restart(self, journaled: int, waiting: int) -> None:
         section("memory, restart, status")
         for rep in range(REPS):
@@ -1197,6 +1203,9 @@ _KEYS = {
 for _scen in ("pub1", "pub8", "batch", "cons1", "cons100"):
     _KEYS[_scen] = [f"{sys_}.{_scen}" for sys_ in ("busd", "redis", "nats", "pq")]
 _KEYS["pub8"].append("busd.pub8s")
+_KEYS["bridge"] = ["bridge.rate", "bridge.p50", "bridge.p99"] + [
+    f"nats.bridge.{k}" for k in ("rate", "p50", "p99")
+]
 _KEYS["pub1"].append("busd.pub1files")
 _KEYS["drop"].append("busd.dropsock")
 _KEYS["growth"] = [f"busd.grow{n}.{m}" for n in FULL.grow_levels for m in ("pub", "cons", "rss")]
@@ -1503,6 +1512,29 @@ def rows(b: Bench) -> list[R.Row]:
             sub=True,
         ),
         R.Row(
+            "bridge: publish on bus A → fetch on bus B over NATS (burst of 100s)",
+            "bridge.rate",
+            msg,
+            "nats.bridge.rate",
+            f"{nats} publish → fetch alone",
+        ),
+        R.Row(
+            "bridge: A → B latency, p50 (200 msg/s)",
+            "bridge.p50",
+            "ms",
+            "nats.bridge.p50",
+            f"{nats} publish → fetch alone",
+            sub=True,
+        ),
+        R.Row(
+            "bridge: A → B latency, p99 (200 msg/s)",
+            "bridge.p99",
+            "ms",
+            "nats.bridge.p99",
+            f"{nats} publish → fetch alone",
+            sub=True,
+        ),
+        R.Row(
             f"restart with {s.journaled:,} journaled ready + {s.waiting:,} outbox files: "
             "time to daemon_ready",
             "busd.restart",
@@ -1745,7 +1777,12 @@ def main() -> int:
         b.info["fs"] = f"{fstype[0].strip()} ({tmp.parent})"
         b.info["load_before"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         b.info["quiet"] = quiet
-        b.info["imports"] = import_breakdown()
+        # The whole typer app, and what a plain `busd status` imports instead of it.
+        b.info["imports"] = ". ".join(
+            part
+            for m in ("busd.cli.commands", "busd.cli.statusview")
+            if (part := import_breakdown(m))
+        )
         b.info["git"] = git_state()
         unavailable = {
             "redis": tools.redis_server is None,
@@ -1777,6 +1814,7 @@ def main() -> int:
                 "pushlow", lambda: b.push_latency(SIZES.push_lat // 5, PUSH_LOW_RATE, "pushlow")
             )
             b.guard("restart", lambda: b.restart(SIZES.journaled, SIZES.waiting))
+            b.guard("bridge", b.bridge)
             b.guard("growth", lambda: b.growth(SIZES.grow_levels, SIZES.grow_ops))
             if os.environ.get("BENCH_NO_PROFILE") == "1":
                 b.info["profile_note"] = "BENCH_NO_PROFILE=1"

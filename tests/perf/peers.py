@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+# tests/ is on sys.path (bench.py puts it there, as pytest does): the one NatsServer.
+from nats_harness import NatsServer as _HarnessNats
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -123,45 +126,19 @@ def nats_supports_sync_always(binary: str) -> bool:
     return out.returncode == 0
 
 
-class NatsServer:
-    """``nats-server -js`` on 127.0.0.1, file store in the temp dir."""
+class NatsServer(_HarnessNats):
+    """``nats-server -js`` on 127.0.0.1, file store in the temp dir (tests/nats_harness.py);
+    :meth:`stop` also removes the store, as the other peers do."""
 
     def __init__(self, workdir: Path, binary: str, sync_always: bool) -> None:
-        self.dir = workdir
-        self.binary = binary
-        self.sync_always = sync_always
-        self.port = _free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def version(binary: str) -> str:
-        return _version([binary, "--version"])
+        super().__init__(workdir, binary, sync_always)
 
     def start(self) -> NatsServer:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        sync = "  sync_interval: always\n" if self.sync_always else ""
-        conf = self.dir / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f'jetstream {{\n  store_dir: "{self.dir / "js"}"\n{sync}}}\n'
-        )
-        log = open(self.dir / "nats.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    if s.recv(16).startswith(b"INFO"):
-                        return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nats-server did not start: see {self.dir / 'nats.log'}")
-            time.sleep(0.05)
+        super().start()
+        return self
 
     def stop(self) -> None:
-        _stop(self.proc, self.dir)
+        self.close()
 
 
 async def nats_reset_stream(url: str, stream: str, subject: str) -> None:

@@ -63,6 +63,18 @@ def test_replay_with_to_readdresses_the_message(bus: Bus) -> None:
     assert decode(result.target.read_bytes()).to == "carol"
 
 
+def test_replay_of_a_free_text_author_without_sender_goes_to_the_outbox_itself(
+    bus: Bus,
+) -> None:
+    """No sender recorded (a socket refusal) and an agent_id that is no directory name
+    ("Builder Agent"): replay writes into outbox/ itself; it raised invalid_name before."""
+    data = message_bytes("m-3", agent_id="Builder Agent", to="nobody")
+    name = dlq.dead_letter(bus.layout, reason=Reason.UNROUTABLE, detail="x", data=data)
+    result = replay(bus.config, name, to="carol")
+    assert result.target is not None and result.target.parent == bus.layout.outbox
+    assert decode(result.target.read_bytes()).agent_id == "Builder Agent"
+
+
 def test_replay_of_delivery_limit_goes_straight_to_the_inbox(bus: Bus) -> None:
     """An accepted message that hit the limit is redelivered to the inbox with count 0."""
     name = _limit_entry(bus)

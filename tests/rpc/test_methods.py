@@ -103,6 +103,11 @@ class FakeBroker:
         )
         return datetime.fromtimestamp(d.lease_until, UTC)
 
+    async def reject(
+        self, agent: str, *, receipt: str | None, message_id: str | None, reason: str
+    ) -> str:
+        raise NotImplementedError("memory rejects run in the daemon: tests/rpc/test_reject.py")
+
     async def settled(self) -> None:
         return None
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -606,20 +607,28 @@ def test_invalid_agent_name_is_answered(conn: Rpc) -> None:
     _assert_alive(conn)
 
 
-def test_over_long_line_is_too_large_and_connection_kept(conn: Rpc) -> None:
-    """A line far over max_message_bytes + 64 KiB is skipped to its newline: too_large."""
+def test_over_long_line_is_too_large_and_the_connection_closed(shared: Daemon, conn: Rpc) -> None:
+    """A line far over max_message_bytes + 64 KiB is answered too_large (id null), then the
+    connection is closed; a new connection is served."""
     pad = b" " * (3 * LINE_LIMIT)
-    conn.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{' + pad + b"}}\n")
+    line = b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{' + pad + b"}}\n"
+
+    def send() -> None:
+        with suppress(BrokenPipeError, ConnectionResetError):
+            conn.send_raw(line)  # the daemon closes before it has read it all
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
     obj = conn.read()
+    assert obj["id"] is None
     err = obj["error"]
     assert err["code"] == -32600
     assert err["data"]["reason"] == "too_large"
     assert err["data"]["limit"] == LINE_LIMIT
-    _assert_alive(conn)
-    # The request right behind the long line in the same write is not lost.
-    conn.send_raw(b"x" * (2 * LINE_LIMIT) + b"\n" + _request("ping", rid=99))
-    assert conn.read()["error"]["data"]["reason"] == "too_large"
-    assert conn.read()["id"] == 99
+    assert conn.closed_by_peer()
+    sender.join(5)
+    with Rpc(shared.root / "busd.sock") as fresh:
+        _assert_alive(fresh)
 
 
 def _publish_line_of(size: int) -> bytes:
@@ -639,16 +648,20 @@ def test_line_of_exactly_the_limit_is_accepted(shared: Daemon, conn: Rpc) -> Non
     assert obj["result"]["duplicate"] is False
 
 
-def test_line_one_byte_over_the_limit_is_too_large(conn: Rpc) -> None:
-    """A request line of max_message_bytes + 64 KiB + 1 bytes is refused too_large."""
+def test_line_one_byte_over_the_limit_is_too_large(shared: Daemon, conn: Rpc) -> None:
+    """A request line of max_message_bytes + 64 KiB + 1 bytes is refused too_large as soon
+    as its last byte comes, before any newline."""
     line = _publish_line_of(LINE_LIMIT + 1)
-    # The daemon reads the first LINE_LIMIT bytes, then gets the last byte and the newline.
     conn.send_raw(line[:LINE_LIMIT])
     time.sleep(0.3)
-    conn.send_raw(line[LINE_LIMIT:] + b"\n")
-    err = conn.read()["error"]
+    with pytest.raises(TimeoutError):
+        conn.read_line(timeout=0.2)  # exactly the limit: still waiting for more
+    conn.send_raw(line[LINE_LIMIT:])
+    err = conn.read(timeout=2)["error"]
     assert err["data"]["reason"] == "too_large"
-    _assert_alive(conn)
+    assert conn.closed_by_peer()
+    with Rpc(shared.root / "busd.sock") as fresh:
+        _assert_alive(fresh)
 
 
 def test_too_large_message_is_refused_and_dead_lettered(shared: Daemon, conn: Rpc) -> None:

@@ -45,7 +45,7 @@ from busd.core.model import check_agent_name
 from busd.errors import InvalidMessage, NotFound
 from busd.routing.offline import route_pending
 from busd.routing.replay import replay as replay_entry
-from busd.store import dlq
+from busd.store import dlq, foreign
 
 __all__ = ["register"]
 
@@ -80,8 +80,13 @@ def _dlq_group(ctx: typer.Context, root: RootOpt = None, config: ConfigOpt = Non
     remember_options(ctx, root, config)
 
 
+_FOREIGN = foreign.FOREIGN_REASON
+
+
 def _entries(cfg: Config, reason: str | None, agent: str | None) -> list[dict[str, Any]]:
-    """DLQ entries as ``{"name", **record}``, through the daemon if it runs."""
+    """DLQ entries as ``{"name", **record}``, through the daemon if it runs, with the
+    foreign ones, ``"foreign": true`` (the daemon lists them too; read here from ``dlq/``
+    directly for the files path and a daemon that does not: listing moves nothing)."""
 
     def live(call: DaemonCall) -> list[dict[str, Any]]:
         params = {"reason": reason, "agent": agent}
@@ -91,7 +96,11 @@ def _entries(cfg: Config, reason: str | None, agent: str | None) -> list[dict[st
         entries = dlq.list_entries(cfg.layout, reason=reason, agent=agent)
         return [{"name": e.name, **msgspec.to_builtins(e.record)} for e in entries]
 
-    return daemon_or_files(cfg, live, files)
+    own = daemon_or_files(cfg, live, files)
+    if agent is not None or reason not in (None, _FOREIGN):
+        return own
+    listed = {e.get("name") for e in own if e.get("foreign")}
+    return own + [e.row() for e in foreign.list_foreign(cfg.layout) if e.name not in listed]
 
 
 def _since_filter(since: str | None) -> float | None:
@@ -148,11 +157,22 @@ def dlq_list(
             e.get("message_id") or "-",
             ago(since_iso(e["last_failure_at"], now)),
             str(e.get("replays", 0)),
+            "yes" if e.get("foreign") else "-",
             short(e.get("detail") or "", 60),
         ]
         for e in entries
     ]
-    headers = ["name", "reason", "from", "to", "message_id", "failed", "replays", "detail"]
+    headers = [
+        "name",
+        "reason",
+        "from",
+        "to",
+        "message_id",
+        "failed",
+        "replays",
+        "foreign",
+        "detail",
+    ]
     table(headers, rows)
 
 
@@ -170,7 +190,10 @@ def _show(cfg: Config, name: str) -> dict[str, Any]:
         return _show_shape(answer)
 
     def files() -> dict[str, Any]:
-        entry = dlq.load(cfg.layout, name)
+        try:
+            entry = dlq.load(cfg.layout, name)
+        except NotFound:
+            return _show_foreign(cfg, name)
         try:
             text: str | None = entry.data().decode("utf-8", errors="replace")
         except InvalidMessage:
@@ -178,7 +201,17 @@ def _show(cfg: Config, name: str) -> dict[str, Any]:
         record = msgspec.to_builtins(entry.record)
         return _show_shape({"name": entry.name, "record": record, "data": text})
 
-    return daemon_or_files(cfg, live, files)
+    try:
+        return daemon_or_files(cfg, live, files)
+    except NotFound:
+        return _show_foreign(cfg, name)
+
+
+def _show_foreign(cfg: Config, name: str) -> dict[str, Any]:
+    """A foreign dead letter, read in place (NotFound if there is none of that name)."""
+    entry, data = foreign.load_foreign(cfg.layout, name)
+    text = data.decode("utf-8", errors="replace") if data is not None else None
+    return _show_shape({"name": entry.name, "record": entry.row(), "data": text})
 
 
 def _show_shape(answer: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A rich table on a terminal, aligned plain text when piped (so scripts and tests
 see stable columns). rich is imported only when stdout or stderr is a terminal:
-it costs start-up time every piped command would pay for nothing.
+it costs start-up time every piped command would pay for nothing. Neither is typer:
+``busd status`` runs without it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-
-import typer
 
 from busd.ops.status import short_duration
 
@@ -69,10 +68,15 @@ def table(headers: list[str], rows: list[list[str]], title: str | None = None) -
         Console().print(grid)
         return
     if title:
-        typer.echo(title)
+        _echo(title)
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     for row in [headers, *rows]:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        _echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _echo(text: str) -> None:
+    # Not typer.echo: `busd status` runs without importing typer (busd.cli.statusview).
+    sys.stdout.write(text + "\n")
 
 
 def _numeric(rows: list[list[str]], i: int) -> bool:
@@ -95,7 +99,7 @@ def pairs(items: list[tuple[str, str]]) -> None:
         return
     width = max(len(label) for label, _ in items)
     for label, value in items:
-        typer.echo(f"{label.ljust(width)}  {value}")
+        _echo(f"{label.ljust(width)}  {value}")
 
 
 @contextmanager

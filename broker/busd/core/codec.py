@@ -25,6 +25,13 @@ explicit tags, plain data only (strings, numbers, booleans, null, lists,
 mappings), mapping keys taken as strings, duplicate keys and non-finite floats
 rejected, timestamps left as text (RFC 3339 is parsed by the model, which
 requires an offset). ``schema_version`` defaults to "1.0" in this encoding only.
+
+One file is one message: Markdown holding a second header (a body line ``---``
+followed by a YAML mapping with ``msg_id``, ``type`` or ``message_type`` and a
+closing ``---``: a conductor-loop bus file) is refused with reason
+``multiple_messages``, never read as one message with the rest in its body
+(:func:`busd.core.conductor.looks_like_bus`). A ``---`` rule between prose stays
+body.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from yaml.composer import ComposerError
 from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from busd.core.conductor import looks_like_bus
 from busd.core.ids import new_message_id
 from busd.core.model import SCHEMA_VERSION, SCHEMA_VERSION_PATTERN, Message
 from busd.errors import InvalidMessage, Reason
@@ -276,6 +284,12 @@ def decode(data: bytes, *, fill_missing: bool = False, max_bytes: int | None = N
         _fail(Reason.TOO_LARGE, f"message is {len(data)} bytes; the limit is {max_bytes}")
     start = 3 if data.startswith(_BOM) else 0
     if data.startswith(b"---\n", start) or data.startswith(b"---\r\n", start):
+        if looks_like_bus(data[start:]):
+            _fail(
+                Reason.MULTIPLE_MESSAGES,
+                "more than one message header: a bus file holds many messages "
+                "(import it with `busd import conductor`)",
+            )
         return _decode_markdown(data, data.index(b"\n", start) + 1, fill_missing)
     return _decode_json(memoryview(data)[start:] if start else data, fill_missing)
 

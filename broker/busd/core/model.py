@@ -77,7 +77,10 @@ MAX_NESTING: Final = 64
 """Deepest nesting of lists/objects in metadata, inputs, retry_policy, results
 (the field's own object is level 1). Bounded so that every valid message also
 survives the recursive YAML encoder and decoder."""
-_RECIPIENT_PATTERN: Final = r"^(?:topic:)?[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z"
+_NAME: Final = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}"
+# ``agent@bus`` names an agent on another bus (docs/multi-host.md): a minor widening.
+_ADDRESS_PATTERN: Final = rf"^{_NAME}(?:@{_NAME})?\Z"
+_RECIPIENT_PATTERN: Final = rf"^(?:topic:{_NAME}|{_NAME}(?:@{_NAME})?)\Z"
 
 _AGENT_NAME_RE: Final = re.compile(AGENT_NAME_PATTERN)
 _RECIPIENT_RE: Final = re.compile(_RECIPIENT_PATTERN)
@@ -91,7 +94,8 @@ _DRIVE_RE: Final = re.compile(r"^[A-Za-z]:")
 _SchemaVersion = Annotated[str, Meta(pattern=SCHEMA_VERSION_PATTERN)]
 _MessageId = Annotated[str, Meta(pattern=MESSAGE_ID_PATTERN)]
 _AgentName = Annotated[str, Meta(pattern=AGENT_NAME_PATTERN)]
-_RecipientList = Annotated[list[_AgentName], Meta(min_length=1, max_length=256)]
+_Address = Annotated[str, Meta(pattern=_ADDRESS_PATTERN)]
+_RecipientList = Annotated[list[_Address], Meta(min_length=1, max_length=256)]
 _ShortText = Annotated[str, Meta(min_length=1, max_length=256)]
 _AgentText = Annotated[
     str, Meta(min_length=1, max_length=AGENT_ID_MAX, pattern=r"^[^\x00-\x1f\x7f-\x9f]+\Z")
@@ -211,13 +215,15 @@ class MessageBase(
         if isinstance(to, str):
             if _RECIPIENT_RE.match(to) is None:
                 raise ValueError(
-                    f"Invalid recipient {to!r:.80}: expected an agent name or "
+                    f"Invalid recipient {to!r:.80}: expected an agent name, agent@bus or "
                     f"topic:<name> matching {_RECIPIENT_PATTERN} - at `$.to`"
                 )
-            _check_name_field(to.removeprefix(TOPIC_PREFIX), "$.to")
+            for part in to.removeprefix(TOPIC_PREFIX).split("@"):
+                _check_name_field(part, "$.to")
         elif to is not None:
             for i, name in enumerate(to):
-                _check_name_field(name, f"$.to[{i}]")
+                for part in name.split("@"):
+                    _check_name_field(part, f"$.to[{i}]")
         if self.attachment_path is not None:
             _check_attachment_path(self.attachment_path)
         if self.body == "":

@@ -10,8 +10,11 @@ Repairs are limited to what cannot lose data or disturb a running daemon:
 removing socket files nothing listens on (only while no process holds the bus
 lock), removing files in ``tmp/`` older than a day, returning claims whose lease
 expired long ago (:func:`busd.consumer.return_expired`), narrowing modes to
-0700 / 0600, creating missing layout directories, and replacing stale bus-lock
-content by taking the lock for an instant as a CLI pass does.
+0700 / 0600, creating missing layout directories, replacing stale bus-lock
+content by taking the lock for an instant as a CLI pass does, and (``compat =
+"tapps"``) moving busd's own dead letters left in ``dlq/`` into ``dlq/busd/``, out of
+the reach of Tapps' ``replay_dlq``. A Tapps claim without a lease yet (mtime <=
+ctime, see :mod:`busd.routing.consumer`) is not an expired claim.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from busd.ops.findings import Finding, Status, fixed, shown
 from busd.ops.host import check_disk, check_filesystem, check_inotify, flock_holders, pid_alive
 from busd.routing.consumer import return_expired
 from busd.routing.retention import TMP_MAX_AGE_S
+from busd.store import foreign
 from busd.store.buslock import BusLock
 from busd.store.layout import init_bus
 
@@ -286,12 +290,16 @@ def _claims(config: Config, fix: bool) -> Finding:
         agents = sorted(e.name for e in os.scandir(locks) if e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         agents = []
+    tapps = config.compat == "tapps"
     for agent in agents:
         try:
             with os.scandir(locks / agent) as it:
                 for e in it:
                     try:
-                        if e.stat(follow_symlinks=False).st_mtime < limit:
+                        st = e.stat(follow_symlinks=False)
+                        if tapps and st.st_mtime_ns <= st.st_ctime_ns:
+                            continue  # a Tapps claim the sweep has not stamped yet: no lease
+                        if st.st_mtime < limit:
                             old[agent] = old.get(agent, 0) + 1
                     except FileNotFoundError:
                         continue
@@ -353,6 +361,25 @@ def _tmp(config: Config, fix: bool) -> Finding:
     return f
 
 
+def _dlq_location(config: Config, fix: bool) -> Finding:
+    layout = config.layout
+    if not layout.dlq_subdir:
+        return Finding("dlq_location", "ok", "busd's dead letters are in dlq/")
+    strays = foreign.strays(layout)
+    if not strays:
+        return Finding("dlq_location", "ok", f"busd's dead letters are in dlq/{layout.dlq_subdir}/")
+    f = Finding(
+        "dlq_location",
+        "warn",
+        f'{len(strays)} busd dead letters in dlq/ from before compat = "tapps" (not listed by '
+        f"`busd dlq list`; Tapps' replay_dlq moves their data into an inbox): {shown(strays)}",
+    )
+    if fix:
+        moved = foreign.adopt_strays(layout)
+        return fixed(f, f"moved {len(moved)} into dlq/{layout.dlq_subdir}/")
+    return f
+
+
 CHECKS: tuple[tuple[str, Callable[[Config, bool], Finding]], ...] = (
     ("layout", _layout),
     ("root_permissions", _root_permissions),
@@ -361,6 +388,7 @@ CHECKS: tuple[tuple[str, Callable[[Config, bool], Finding]], ...] = (
     ("lock", _lock),
     ("expired_claims", _claims),
     ("tmp_files", _tmp),
+    ("dlq_location", _dlq_location),
     ("inotify", check_inotify),
     ("disk_space", check_disk),
     ("filesystem", check_filesystem),

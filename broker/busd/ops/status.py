@@ -38,10 +38,12 @@ from busd.config import Config, socket_path
 from busd.store.fsio import list_names
 
 __all__ = [
+    "BRIDGE_STALE_S",
     "OUTBOX_STALE_S",
     "SERVED_FILES",
     "SERVED_SOCKET",
     "AgentStatus",
+    "BridgeStatus",
     "DaemonInfo",
     "DaemonState",
     "DedupeStatus",
@@ -168,7 +170,8 @@ class OutboxStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DlqStatus(msgspec.Struct, frozen=True, kw_only=True):
-    """Dead letters by reason (sorted) and the age of the oldest."""
+    """Dead letters by reason (sorted) and the age of the oldest: busd's own, in
+    :attr:`~busd.store.layout.Layout.dlq` (``dlq/busd/`` with ``compat = "tapps"``)."""
 
     entries: int
     by_reason: dict[str, int]
@@ -190,6 +193,47 @@ class DedupeStatus(msgspec.Struct, frozen=True, kw_only=True):
     window_s: float
 
 
+class BridgeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``busd bridge nats`` last wrote to ``bridge-status.json`` (docs/multi-host.md).
+
+    ``stale`` is computed here: the file is older than :data:`BRIDGE_STALE_S`, so no
+    bridge is running (or it hangs). Backlogs: ``outbound`` is the ``_bridge`` queue,
+    ``inbound`` what NATS holds for this bus (pending + unacknowledged).
+    """
+
+    url: str
+    stream: str
+    pid: int
+    connected: bool
+    updated_at: str
+    outbound_backlog: int | None = None
+    inbound_backlog: int | None = None
+    published: int = 0
+    publish_duplicates: int = 0
+    received: int = 0
+    delivered: int = 0
+    busd_duplicates: int = 0
+    dead_lettered: int = 0
+    naks: int = 0
+    last_error: str | None = None
+    last_error_at: str | None = None
+    stale: bool = False
+
+
+BRIDGE_STALE_S = 30.0
+"""A bridge refreshes its status file every few seconds; older than this, it is not running."""
+
+
+def _bridge(path: Path, now: float) -> BridgeStatus | None:
+    try:
+        data = path.read_bytes()
+        bridge = msgspec.json.decode(data[:65536], type=BridgeStatus)
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError):
+        return None  # no bridge on this bus (or a torn, foreign file): nothing to show
+    age = _age(_mtime(path), now)
+    return msgspec.structs.replace(bridge, stale=age is None or age > BRIDGE_STALE_S)
+
+
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     """What ``busd status --json`` prints and the ``status`` RPC returns (field order = keys)."""
 
@@ -207,6 +251,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     generated_at: str
     attention: list[str]
     healthy: bool
+    bridge: BridgeStatus | None = None
 
 
 def report(
@@ -231,19 +276,21 @@ def report(
         if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
             oldest_outbox = waiting
         queue = queues.get(agent)
+        # Filtered once per list: on a big inbox this scan is most of the report's time.
+        ready_d, claimed_d = _delivered(ready), _delivered(claimed)
         agents[agent] = AgentStatus(
             ready=len(ready) + (queue.ready if queue else 0),
             in_flight=len(claimed) + (queue.in_flight if queue else 0),
             max_in_flight=config.max_in_flight,
-            redelivered=sum(1 for n in _delivered(ready) if n[21:24] != "000"),
-            oldest_ready_age_s=_oldest_age(ready, now),
+            redelivered=sum(1 for n in ready_d if n[21:24] != "000"),
+            oldest_ready_age_s=_oldest_age(ready_d, now),
             outbox=len(outbox),
             outbox_oldest_age_s=_age(waiting, now),
-            last_delivery_at=iso_time(_newest_arrival(ready, claimed)),
+            last_delivery_at=iso_time(_newest_arrival(ready_d, claimed_d)),
             last_ack_at=iso_time(_mtime(layout.ledger(agent))),
             served=queue.served if queue else SERVED_FILES,
             connections=queue.connections if queue else 0,
-            oldest_unsettled=_oldest_id(ready, claimed)
+            oldest_unsettled=_oldest_id(ready_d, claimed_d)
             or (queue.oldest_unsettled if queue else None),
         )
     running = daemon is not None or daemon_error is not None
@@ -285,6 +332,7 @@ def report(
         generated_at=iso_time(now) or "",
         attention=attention,
         healthy=running and not attention,
+        bridge=_bridge(layout.bridge_status_file, now),
     )
 
 
@@ -365,25 +413,25 @@ def _delivered(names: list[str]) -> list[str]:
     return [n for n in names if len(n) > 25 and n[20] == "-" and n[24] == "-" and n[:20].isdigit()]
 
 
-def _oldest_age(names: list[str], now: float) -> float | None:
-    delivered = _delivered(names)
+def _oldest_age(delivered: list[str], now: float) -> float | None:
+    """The age of the oldest of ``delivered`` (names :func:`_delivered` kept)."""
     if not delivered:
         return None
     return max(0.0, round(now - int(min(delivered)[:20]) / 1e9, 3))
 
 
-def _oldest_id(*name_lists: list[str]) -> str | None:
+def _oldest_id(*delivered: list[str]) -> str | None:
     """The message id in the delivery name with the smallest arrival key, if any."""
-    oldest = min((n for names in name_lists for n in _delivered(names)), default=None)
+    oldest = min((min(names) for names in delivered if names), default=None)
     if oldest is None:
         return None
     return oldest[25:].removesuffix(".json")
 
 
-def _newest_arrival(*name_lists: list[str]) -> float | None:
+def _newest_arrival(*delivered: list[str]) -> float | None:
     # The arrival key of a delivery name is when the router delivered it.
-    keys = [n[:20] for names in name_lists for n in _delivered(names)]
-    return int(max(keys)) / 1e9 if keys else None
+    newest = max((max(names) for names in delivered if names), default=None)
+    return int(newest[:20]) / 1e9 if newest else None
 
 
 def _oldest_mtime(directory: Path, names: list[str]) -> float | None:

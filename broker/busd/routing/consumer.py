@@ -28,6 +28,16 @@ Synchronous (async callers use worker threads). Contracts:
   handed out again) or is back in the inbox (released, or swept) is stale:
   :class:`~busd.errors.StaleReceipt`, and nothing changes. A message id means "every
   current claim of that message" (the CLI and old clients).
+* Both delivery-name forms (:mod:`busd.store.layout`) are claimed, returned and
+  settled alike; a claim keeps the form of its inbox name.
+* ``compat = "tapps"``: Tapps claims by a bare rename, so its claim keeps the file's
+  old mtime. A claim is *stamped* when its mtime is later than its ctime (busd sets
+  the lease on the inbox file before the claiming rename, and a rename or a utime sets
+  the ctime to now, so every lease busd sets is ahead of the ctime); an unstamped
+  claim (mtime <= ctime) is stamped by the sweep with a lease of ``lease_seconds``
+  from the moment the sweep first sees it, instead of being returned. The stamp is
+  the file's mtime, so it survives a restart. Acks also append a bare-id line, for
+  Tapps' ledger reader.
 """
 
 from __future__ import annotations
@@ -42,14 +52,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from busd.config import Config
+from busd.core.codec import encode_json
 from busd.core.model import Message, check_agent_name
 from busd.errors import InvalidMessage, InvalidName, NotFound, Reason, StaleReceipt
 from busd.routing import intake, refusals
 from busd.routing.intake import Origin, Parcel, Refused, Rules
 from busd.store.fsio import list_names, rename_noreplace
-from busd.store.layout import Layout, delivery_name, parse_delivery_name
+from busd.store.layout import (
+    Layout,
+    delivery_name,
+    parse_delivery_name,
+    receipt_of,
+    tapps_delivery_name,
+)
 from busd.store.ledger import LedgerRecord, ProcessedLedger, rfc3339
 from busd.store.mailbox import arrival_clock, ensure_agent_dirs
+from busd.store.tapps import from_tapps
 
 __all__ = ["Claim", "Consumer", "ExpiredReport", "return_expired"]
 
@@ -79,8 +97,8 @@ class Claim:
 
     @property
     def receipt(self) -> str:
-        """The receipt of this delivery: the claim file's name without ``.json``."""
-        return self.name.removesuffix(".json")
+        """The receipt of this delivery: the claim file's name without its suffix."""
+        return receipt_of(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +107,14 @@ class ExpiredReport:
 
     returned: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
+    stamped: list[str] = field(default_factory=list)
+    """Unstamped (Tapps) claims given a lease instead of being returned (tapps mode)."""
+
+
+def _unstamped(st: os.stat_result) -> bool:
+    """Whether a claim's mtime was never set as a lease: a lease busd sets is always later
+    than the ctime that setting it (and the claiming rename) leaves (module docstring)."""
+    return st.st_mtime_ns <= st.st_ctime_ns
 
 
 def _names(directory: Path) -> list[str]:
@@ -141,7 +167,7 @@ def _return_to_inbox(layout: Layout, agent: str, path: Path, name: str) -> str:
             if parsed is None:
                 name = f"{arrival_clock.next()}-{name}"
             else:
-                name = delivery_name(arrival_clock.next(), parsed.deliveries, parsed.message_id)
+                name = parsed.renamed(arrival=arrival_clock.next())
 
 
 class Consumer:
@@ -161,6 +187,7 @@ class Consumer:
         self.locks = self.layout.locks_dir(agent_id)
         ensure_agent_dirs(self.layout, agent_id)
         self._ledger = ProcessedLedger(self.layout.ledger(agent_id))
+        self._tapps = config.compat == "tapps"
 
     def processed(self) -> ProcessedLedger:
         """The agent's processed ledger (shared by this consumer's calls)."""
@@ -189,7 +216,7 @@ class Consumer:
         parsed = parse_delivery_name(name)
         if parsed is not None:
             count = parsed.deliveries + 1
-            dst = self.locks / delivery_name(parsed.arrival, count, parsed.message_id)
+            dst = self.locks / parsed.renamed(deliveries=count)
         else:
             count = 1
             hidden = f"{_CLAIM_PREFIX}{uuid.uuid4().hex[:_HEX]}-{name}"
@@ -211,6 +238,10 @@ class Consumer:
             refusals.dead_letter(self.layout, result, counts=self, delivery_count=count)
             return None
         msg, raw = result.message, result.body
+        restored = from_tapps(msg)
+        if restored is not msg:
+            # A tapps-mode delivery: busd's consumers get the message the producer sent.
+            msg, raw = restored, encode_json(restored)
         if self._ledger.acked(msg.message_id, msg.idempotency_key):
             # Acked before: dropping the copy is what keeps side effects single.
             os.unlink(dst)
@@ -222,7 +253,11 @@ class Consumer:
             return None
         if parsed is None or parsed.message_id != msg.message_id:
             arrival = parsed.arrival if parsed is not None else arrival_clock.next()
-            dst = self._rename_canonical(dst, arrival, count, msg.message_id)
+            # A foreign name takes the mode's form; a delivery name keeps its own form.
+            tapps_form = self._tapps if parsed is None else parsed.message_type or parsed.native
+            tag = msg.__struct_config__.tag
+            kind = tag if tapps_form and isinstance(tag, str) else None
+            dst = self._rename_canonical(dst, arrival, count, msg.message_id, kind)
         return Claim(msg, dst.name, dst, count, lease, raw)
 
     def _origin(self, path: Path) -> Origin:
@@ -238,9 +273,17 @@ class Consumer:
         refused = Refused(origin, why, msg)
         return refusals.dead_letter(self.layout, refused, counts=self, delivery_count=count).name
 
-    def _rename_canonical(self, path: Path, arrival: str, count: int, message_id: str) -> Path:
+    def _rename_canonical(
+        self, path: Path, arrival: str, count: int, message_id: str, kind: str | None
+    ) -> Path:
+        """``kind``: the message type, for tapps mode's names (else None: busd's form)."""
         while True:
-            target = self.locks / delivery_name(arrival, count, message_id)
+            name = (
+                delivery_name(arrival, count, message_id)
+                if kind is None
+                else tapps_delivery_name(arrival, count, message_id, kind)
+            )
+            target = self.locks / name
             try:
                 rename_noreplace(path, target)
                 return target
@@ -271,9 +314,9 @@ class Consumer:
             if parsed is None:
                 not_held.append(receipt)  # not the receipt grammar: it names no delivery
                 continue
-            path = self.locks / f"{receipt}.json"
             claims = index.get(parsed.message_id, [])
-            if path in claims:
+            path = next((c for c in claims if receipt_of(c.name) == receipt), None)
+            if path is not None:
                 held[receipt] = path
                 continue
             if in_inbox is None:
@@ -301,7 +344,10 @@ class Consumer:
         if stale:
             raise self._stale(stale)
         path = held.get(receipt)
-        if path is None or (message_id is not None and not receipt.endswith(f"-{message_id}")):
+        parsed = parse_delivery_name(f"{receipt}.json")
+        if path is None or (
+            message_id is not None and (parsed is None or parsed.message_id != message_id)
+        ):
             raise NotFound(f"{self.agent_id} holds no delivery {receipt}", receipt=receipt)
         return [path]
 
@@ -337,7 +383,7 @@ class Consumer:
             msg = _peek(self._rules, self._origin(next(iter(paths))))
             key = msg.idempotency_key if msg is not None else None
             records.append(LedgerRecord(message_id=mid, idempotency_key=key, acked_at=now))
-        self._ledger.add_many(records)
+        self._ledger.add_many(records, bare_ids=self._tapps)
         for paths in targets.values():
             for path in paths:
                 try:
@@ -395,7 +441,13 @@ class Consumer:
             path = self.locks / name
             parsed = parse_delivery_name(name)
             try:
-                if os.lstat(path).st_mtime_ns > now_ns:
+                st = os.lstat(path)
+                if st.st_mtime_ns > now_ns:
+                    continue
+                if self._tapps and not name.startswith(".") and _unstamped(st):
+                    # A Tapps claim: its lease starts now, it is not taken back.
+                    _set_lease(path, now_ns / 1e9 + self.config.lease_seconds)
+                    report.stamped.append(name)
                     continue
                 if name.startswith(_CLAIM_PREFIX):
                     name = _foreign_name(name)
@@ -415,14 +467,16 @@ class Consumer:
             except (FileNotFoundError, NotFound):
                 continue  # acked, or moved by another sweep meanwhile
 
-    def fail(self, message_id: str, reason: str) -> str:
+    def fail(self, message_id: str | None, reason: str, *, receipt: str | None = None) -> str:
         """Dead-letter a claim with reason ``rejected``, ``detail=reason``; return the entry.
 
-        Each claimed copy gets an entry; the first one's name is returned.
+        Names the claim by ``receipt`` (that delivery; StaleReceipt if it is no longer
+        current) or by ``message_id`` (each claimed copy gets an entry; the first one's
+        name is returned). NotFound if not held.
         """
         why = InvalidMessage(Reason.REJECTED, reason)
         names = []
-        for path in self._find(message_id):
+        for path in self._claim_of(message_id, receipt):
             origin = self._origin(path)
             names.append(self._dead_letter(origin, why, _count(path), _peek(self._rules, origin)))
         return names[0]

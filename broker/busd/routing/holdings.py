@@ -19,19 +19,15 @@ import contextlib
 import os
 from pathlib import Path
 
-import msgspec
-
 from busd.config import Config
 from busd.core.codec import decode
 from busd.core.model import Message
 from busd.errors import InvalidMessage
 from busd.store.fsio import list_names, read_limited
 from busd.store.layout import parse_delivery_name
-from busd.store.ledger import LedgerRecord
+from busd.store.ledger import parse_line
 
 __all__ = ["Holdings"]
-
-_ledger_decoder = msgspec.json.Decoder(LedgerRecord)
 
 
 class Holdings:
@@ -83,7 +79,8 @@ class Holdings:
 
 def _read_ledger(path: Path) -> tuple[set[str], set[str]]:
     """The acked ids and keys of a ledger, read once (protocol.md 6.4: lines that do not
-    decode, and a last line without its newline, are skipped)."""
+    decode, and a last line without its newline, are skipped; a bare id, Tapps' ack line,
+    counts as an acked id)."""
     ids: set[str] = set()
     keys: set[str] = set()
     try:
@@ -91,9 +88,8 @@ def _read_ledger(path: Path) -> tuple[set[str], set[str]]:
     except FileNotFoundError:
         return ids, keys
     for line in data[: data.rfind(b"\n") + 1].split(b"\n"):
-        try:
-            rec = _ledger_decoder.decode(line)
-        except msgspec.DecodeError:
+        rec = parse_line(line)
+        if rec is None:
             continue  # empty, or a torn line glued to garbage
         ids.add(rec.message_id)
         if rec.idempotency_key is not None:

@@ -10,7 +10,8 @@ fills in one thing or refuses the message:
 ``decode``         bytes to a validated message (JSON or Markdown front matter)
 ``decode_filling`` the same, filling a missing ``message_id``/``created_at`` (socket)
 ``check_size``     the canonical JSON form, which the journal and inboxes hold, fits
-``resolve``        the recipients (topics expanded; the owner of a foreign inbox file)
+``resolve``        the recipients (topics expanded; ``agent@bus`` addressed; the owner of
+                   a foreign inbox file)
 =================  ==========================================================
 
 :data:`FILE` (outbox and foreign inbox files), :data:`SOCKET` (publishes) and
@@ -34,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from busd.config import Config
+from busd.config import Config, with_mirrors
 from busd.core import codec
 from busd.core.model import Message, effective_recipients
 from busd.errors import InvalidMessage, InvalidName, Reason, Unroutable
@@ -42,6 +43,7 @@ from busd.store.fsio import read_limited
 from busd.store.layout import Layout
 
 __all__ = [
+    "BRIDGE_AGENT",
     "CLAIM",
     "FILE",
     "SOCKET",
@@ -61,6 +63,11 @@ __all__ = [
 ]
 
 OriginKind = Literal["file", "socket", "claim"]
+
+BRIDGE_AGENT = "_bridge"
+"""The reserved agent whose queue is ``busd bridge nats``'s outbound backlog, and the
+sender of every message the bridge brings in (docs/multi-host.md). A message whose
+origin sender is this agent was bridged: it is delivered on this bus only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,17 +166,30 @@ class Rules:
     runtime ones). The router swaps a whole :class:`Rules` on reconfigure.
     """
 
-    __slots__ = ("config", "default_recipient", "dlq_unknown", "layout", "limit", "subscriptions")
+    __slots__ = (
+        "bridged_topics",
+        "bus_name",
+        "config",
+        "default_recipient",
+        "dlq_unknown",
+        "layout",
+        "limit",
+        "subscriptions",
+    )
 
     def __init__(
         self, config: Config, subscriptions: Mapping[str, list[str]] | None = None
     ) -> None:
-        subs = config.subscriptions if subscriptions is None else subscriptions
+        subs = (
+            with_mirrors(config, config.subscriptions) if subscriptions is None else subscriptions
+        )
         self.config = config
         self.layout = config.layout
         self.limit = config.max_message_bytes
         self.default_recipient = config.default_recipient
         self.dlq_unknown = config.unknown_recipient == "dlq"
+        self.bus_name = config.bus_name
+        self.bridged_topics = frozenset(config.bridge.topics)
         self.subscriptions: Mapping[str, tuple[str, ...]] = MappingProxyType(
             {topic: tuple(agents) for topic, agents in subs.items()}
         )
@@ -229,25 +249,44 @@ def check_size(rules: Rules, p: Parcel) -> Parcel:
 def resolve(rules: Rules, p: Parcel) -> Parcel:
     """The recipients: the inbox a foreign file sits in, else ``to`` with topics expanded.
 
-    ``unroutable``: a topic without subscribers, or (``unknown_recipient = "dlq"``)
-    a recipient without an inbox.
+    ``agent@<bus_name>`` is plain ``agent``; ``agent@<other bus>``, and a topic named in
+    ``[bridge] topics``, add :data:`BRIDGE_AGENT` (once): the bridge publishes it on, reading
+    the destinations from the message's ``to``. A message the bridge brought in (origin
+    sender :data:`BRIDGE_AGENT`) goes to this bus's own recipients only: ``agent@<bus_name>``
+    and local topic subscribers; plain names and other buses were the origin bus's to serve,
+    so a bridged message never loops.
+
+    ``unroutable``: a topic without subscribers (or bridge), a bridged message naming no one
+    here, or (``unknown_recipient = "dlq"``) a recipient without an inbox.
     """
     assert p.message is not None, "resolve needs a message"
     if p.origin.recipient is not None:
         p.recipients = [p.origin.recipient]
         return p
+    bridged = p.origin.sender == BRIDGE_AGENT
     out: list[str] = []
     for r in effective_recipients(p.message, rules.default_recipient):
         if r.startswith("topic:"):
-            subscribers = rules.subscriptions.get(r[6:], ())
-            if not subscribers:
-                raise Unroutable(f"topic {r[6:]!r} has no subscribers")
+            topic = r[6:]
+            subscribers = rules.subscriptions.get(topic, ())
+            shared = topic in rules.bridged_topics and not bridged
+            if not subscribers and not shared:
+                raise Unroutable(f"topic {topic!r} has no subscribers")
             out.extend(subscribers)
-        else:
-            out.append(r)
+            if shared:
+                out.append(BRIDGE_AGENT)
+            continue
+        agent, _, bus = r.partition("@")
+        if bus and bus != rules.bus_name:
+            if not bridged:
+                out.append(BRIDGE_AGENT)
+        elif bus or not bridged:
+            out.append(agent)
     out = list(dict.fromkeys(out))
+    if not out:
+        raise Unroutable(f"no recipient on bus {rules.bus_name!r}")
     if rules.dlq_unknown:
-        unknown = [r for r in out if not rules.layout.inbox_dir(r).is_dir()]
+        unknown = [r for r in out if r != BRIDGE_AGENT and not rules.layout.inbox_dir(r).is_dir()]
         if unknown:
             raise Unroutable(f"unknown recipient(s): {', '.join(unknown)}")
     p.recipients = out

@@ -44,6 +44,7 @@ from busd.store import dlq
 from busd.store.fsio import replace_durable
 from busd.store.journal import START, JournalEntry, Position
 from busd.store.mailbox import arrival_clock, deliver, sync_dirs
+from busd.store.tapps import deliver_tapps
 
 __all__ = [
     "read_checkpoint",
@@ -171,14 +172,18 @@ def write_out(router: Router, pending: Sequence[Pending]) -> list[Path]:
             if entry.message is None or entry.message_id != ref.message_id:
                 raise InvalidMessage(Reason.SCHEMA, "not the accepted line of this message")
             body = bytes(entry.message)
-            decode(body)
+            msg = decode(body)
         except (InvalidMessage, NotFound) as exc:
             _log.warning("journal_entry_skipped", message_id=ref.message_id, error=str(exc))
             continue
         arrival = arrival_clock.next()
-        written.append(
-            deliver(layout, agent, body, ref.message_id, deliveries=deliveries, arrival=arrival)
-        )
+        if router.config.compat == "tapps":
+            path = deliver_tapps(layout, agent, msg, deliveries=deliveries, arrival=arrival)
+        else:
+            path = deliver(
+                layout, agent, body, ref.message_id, deliveries=deliveries, arrival=arrival
+            )
+        written.append(path)
         _log.info("message_recovered_from_journal", message_id=ref.message_id, to=[agent])
     if written and router.config.fsync:
         sync_dirs(written)

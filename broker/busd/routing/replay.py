@@ -32,10 +32,11 @@ import msgspec
 from busd.config import Config
 from busd.core import codec
 from busd.core.model import check_agent_name
-from busd.errors import InvalidMessage, Reason
+from busd.errors import InvalidMessage, InvalidName, Reason
 from busd.store import dlq
 from busd.store.fsio import read_limited, write_durable
 from busd.store.mailbox import deliver, publish_bytes
+from busd.store.tapps import deliver_tapps, from_tapps
 
 __all__ = ["ReplayResult", "replay"]
 
@@ -97,7 +98,8 @@ def replay(
         elif inbox_agent is not None:
             where = layout.inbox_dir(check_agent_name(inbox_agent, "recipient"))
         else:
-            where = layout.outbox_dir(check_agent_name(record.sender or msg.agent_id, "sender"))
+            sender = _sender_of(record.sender, msg.agent_id)
+            where = layout.outbox if sender is None else layout.outbox_dir(sender)
             if to is not None:
                 check_agent_name(to.removeprefix("topic:"), "recipient")
                 msg = msgspec.structs.replace(msg, to=to)
@@ -107,9 +109,23 @@ def replay(
         if dropped:
             foreign = f"replay-{hashlib.sha256(body).hexdigest()[:16]}.json"
             target = write_durable(where, foreign, body, tmp_dir=layout.tmp)
+        elif inbox_agent is not None and config.compat == "tapps":
+            # Named and shaped for Tapps consumers too (store/tapps.py).
+            target = deliver_tapps(layout, inbox_agent, from_tapps(msg), fsync=True)
         elif inbox_agent is not None:
             target = deliver(layout, inbox_agent, body, msg.message_id, deliveries=0, fsync=True)
         else:
-            target = publish_bytes(layout, where.name, body, msg.message_id, fsync=True)
+            target = publish_bytes(layout, sender, body, msg.message_id, fsync=True)
         dlq.retire_replayed(layout, entry, body, target)
         return ReplayResult(name, "replayed", target, msg.message_id)
+
+
+def _sender_of(sender: str | None, agent_id: str) -> str | None:
+    """Whose outbox a replayed message is written to: its sender's, else its author's,
+    else ``outbox/`` itself (``None``: agent_id is free text, maybe no directory name)."""
+    if sender is not None:
+        return check_agent_name(sender, "sender")
+    try:
+        return check_agent_name(agent_id, "sender")
+    except InvalidName:
+        return None

@@ -12,6 +12,10 @@ One :meth:`Router.route` call handles a batch of files as one group commit:
    consumer takes it from the daemon's memory) gets no file but a :class:`Kept`
    naming the message's journal line (from ``Journal.append_at``).
 
+With ``compat = "tapps"`` every inbox file this module writes (deliveries, crash
+redos, memory write-outs, a producer's own inbox drop) is named and shaped by
+:mod:`busd.store.tapps` (Tapps' form for its three types, ``.busd`` for the rest).
+
 Steps 1-3 are :meth:`Router.commit`, step 4 :meth:`Router.finish`, run by the
 daemon in two lanes. A crash after step 3 loses nothing: the journal after the
 checkpoint is replayed at start-up (:mod:`busd.routing.recovery`). A file seen
@@ -26,7 +30,6 @@ Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,23 +42,33 @@ import msgspec
 import structlog
 
 from busd.config import Config
+from busd.core.codec import decode
 from busd.core.model import Message, check_agent_name
 from busd.errors import BusdError
 from busd.routing import intake, refusals
 from busd.routing.dedupe import DedupeIndex, KeySpaces
 from busd.routing.holdings import Holdings
 from busd.routing.intake import Origin, Parcel, Refused, Rules
-from busd.store.fsio import list_names, rename_noreplace
+from busd.store.fsio import rename_noreplace
 from busd.store.journal import START, Journal, JournalEntry, Position
-from busd.store.layout import delivery_name, parse_delivery_name
-from busd.store.mailbox import arrival_clock, deliver, ensure_agent_dirs, sync_dirs
+from busd.store.layout import delivery_name
+from busd.store.mailbox import (
+    arrival_clock,
+    deliver,
+    ensure_agent_dirs,
+    sync_dirs,
+    waiting,
+    waiting_in,
+)
+from busd.store.tapps import deliver_tapps, place_in_inbox, tapps_payload
 
 __all__ = ["Batch", "Held", "Incoming", "Kept", "RouteReport", "Router", "Served"]
 
 _log = structlog.get_logger("busd.router")
 _BATCH = 512
 
-_Jobs = list[tuple[str, bytes, str, str]]  # (agent, body, message_id, arrival)
+# (agent, bytes to write, message_id, arrival, the message in tapps mode: Tapps' names)
+_Jobs = list[tuple[str, bytes, str, str, Message | None]]
 _Out = tuple[list[JournalEntry], "RouteReport", datetime]  # where refusals and lines go
 Served = Callable[[str], bool]
 """Whether an agent is socket-served (its messages stay in memory, no inbox file)."""
@@ -231,25 +244,12 @@ class Router:
     # -- scanning ---------------------------------------------------------
 
     def scan(self) -> list[Path]:
-        """Every file waiting to be routed: outbox files, then foreign inbox files.
-
-        Names starting with ``.`` are in-progress writes by convention and skipped.
-        """
-        found = [p for d in _subdirs(self.layout.outbox) for p in _entries(d)]
-        found.extend(p for p in _entries(self.layout.outbox) if not p.is_dir())
-        for d in _subdirs(self.layout.inbox):
-            found.extend(_foreign(d))
-        return found
+        """Every file waiting to be routed: :func:`busd.store.mailbox.waiting`."""
+        return waiting(self.layout)
 
     def scan_dirs(self, dirs: set[Path]) -> list[Path]:
         """The files waiting in ``dirs`` (outbox or inbox directories named by hints)."""
-        found: list[Path] = []
-        for d in sorted(dirs):
-            if d == self.layout.outbox:
-                found.extend(p for p in _entries(d) if not p.is_dir())
-                continue
-            found.extend(_foreign(d) if d.parent == self.layout.inbox else _entries(d))
-        return found
+        return waiting_in(self.layout, dirs)
 
     def route_all(self) -> RouteReport:
         """Route everything :meth:`scan` finds, in batches, until nothing is left."""
@@ -380,8 +380,12 @@ class Router:
     def _write(self, jobs: _Jobs) -> None:
         for agent in {job[0] for job in jobs}:
             ensure_agent_dirs(self.layout, agent)
-        for agent, body, message_id, arrival in jobs:
-            self._unsynced.append(deliver(self.layout, agent, body, message_id, arrival=arrival))
+        for agent, data, message_id, arrival, msg in jobs:
+            if msg is None:
+                path = deliver(self.layout, agent, data, message_id, arrival=arrival)
+            else:
+                path = deliver_tapps(self.layout, agent, msg, arrival=arrival, data=data)
+            self._unsynced.append(path)
 
     def _admit_file(self, rules: Rules, path: Path, out: _Out) -> _Item | None:
         entries, report, now = out
@@ -408,27 +412,42 @@ class Router:
 
     def _deliver(self, item: _Item, jobs: _Jobs, served: Served | None, kept: list[Kept]) -> None:
         path = item.path
+        tapps = self.config.compat == "tapps"
         if path is not None and path.parent.parent == self.layout.inbox:
-            # A producer wrote straight into the inbox: validated and journaled
-            # in place; a rename inside the directory gives it a delivery name.
-            target = path.parent / delivery_name(arrival_clock.next(), 0, item.msg.message_id)
-            try:
-                rename_noreplace(path, target)
-            except FileNotFoundError:
-                return  # a daemon-less consumer claimed it first: it is journaled, that is all
-            self._unsynced.append(target)
+            self._name_in_place(item, path, tapps)
             return
         mid = item.msg.message_id
+        data, msg = (tapps_payload(item.msg, item.body), item.msg) if tapps else (item.body, None)
         for r in item.recipients:
             if served is not None and served(r):
                 kept.append(Kept(r, mid, item.msg.idempotency_key, item.position, item.length))
             else:
-                jobs.append((r, item.body, mid, arrival_clock.next()))
+                jobs.append((r, data, mid, arrival_clock.next(), msg))
+
+    def _name_in_place(self, item: _Item, path: Path, tapps: bool) -> None:
+        """A producer wrote straight into the inbox: validated and journaled in place; a
+        rename inside the directory gives it a delivery name (module docstring)."""
+        mid, arrival = item.msg.message_id, arrival_clock.next()
+        if tapps:
+            placed = place_in_inbox(self.layout, path, item.msg, item.body, arrival)
+            if placed is not None:
+                self._unsynced.append(placed)
+            return
+        target = path.parent / delivery_name(arrival, 0, mid)
+        try:
+            rename_noreplace(path, target)
+        except FileNotFoundError:
+            return  # a daemon-less consumer claimed it first: it is journaled, that is all
+        self._unsynced.append(target)
 
     def _redo(self, item: _Item, jobs: _Jobs, holdings: Holdings, held: Held | None) -> None:
         """Finish a pass that died after the journal append: deliver what is missing."""
         if item.path is not None and item.path.parent.parent == self.layout.inbox:
-            self._deliver(item, jobs, None, [])
+            tapps = self.config.compat == "tapps"
+            if tapps and holdings.has(item.path.parent.name, item.msg):
+                _unlink(item.path)  # its Tapps payload was written, then a crash came first
+            else:
+                self._deliver(item, jobs, None, [])
             return
         size = len(item.body)
         mid = item.msg.message_id
@@ -446,8 +465,13 @@ class Router:
         by the next checkpoint, like every delivery: call it in the delivery lane)."""
         if messages:
             ensure_agent_dirs(self.layout, agent)
+        tapps = self.config.compat == "tapps"
         for mid, body, count in messages:
-            self._unsynced.append(deliver(self.layout, agent, body, mid, deliveries=count))
+            if tapps:
+                path = deliver_tapps(self.layout, agent, decode(body), deliveries=count)
+            else:
+                path = deliver(self.layout, agent, body, mid, deliveries=count)
+            self._unsynced.append(path)
 
     def note_delivered(self, position: Position) -> None:
         """A batch with nothing to deliver (only records) is delivered as it is committed."""
@@ -472,27 +496,6 @@ def _entry(
         to=to,
         source=source,
     )
-
-
-def _subdirs(parent: Path) -> list[Path]:
-    return [parent / n for n in list_names(parent) if _is_dir(parent / n)]
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)  # a symlink is not followed
-    except FileNotFoundError:
-        return False
-
-
-def _entries(directory: Path) -> list[Path]:
-    return [directory / n for n in list_names(directory)]
-
-
-def _foreign(directory: Path) -> list[Path]:
-    """Files of an inbox without a delivery name (filtered before the sort: only few)."""
-    names = [n for n in list_names(directory, sort=False) if not parse_delivery_name(n)]
-    return [directory / n for n in sorted(names)]
 
 
 def _unlink(path: Path) -> None:

@@ -98,3 +98,13 @@ class Broker(Protocol):
     ) -> datetime:
         """Push a memory delivery's lease (NotFound, StaleReceipt)."""
         ...
+
+    async def reject(
+        self, agent: str, *, receipt: str | None, message_id: str | None, reason: str
+    ) -> str:
+        """Dead-letter a memory delivery in flight (reason ``rejected``); the DLQ entry name.
+
+        Answered once the entry and its ``dead_lettered`` journal line are durable
+        (NotFound, StaleReceipt).
+        """
+        ...

@@ -60,13 +60,15 @@ from busd.rpc.protocol import (
     PublishBatchResult,
     PublishParams,
     PublishResult,
+    RejectParams,
+    RejectResult,
     ReplayParams,
     ReplayResult,
     RpcError,
     error_from_exception,
 )
 from busd.rpc.pushes import Subscribers, claim_payload, memory_payload
-from busd.store import dlq
+from busd.store import dlq, foreign
 from busd.store.layout import parse_delivery_name
 
 __all__ = ["Methods", "claim_payload", "memory_payload"]
@@ -89,6 +91,7 @@ class Methods:
             "ack": (AckParams, self.ack),
             "nack": (NackParams, self.nack),
             "extend": (ExtendParams, self.extend),
+            "reject": (RejectParams, self.reject),
             "status": (AgentParams, self.status),
             "dlq.list": (DlqListParams, self.dlq_list),
             "dlq.show": (DlqShowParams, self.dlq_show),
@@ -226,15 +229,38 @@ class Methods:
         )
         return ExtendResult(expires)
 
+    async def reject(self, p: RejectParams) -> RejectResult:
+        """Dead-letter a held delivery, reason ``rejected`` (protocol.md 6.2): memory
+        through the broker, a file claim through the agent's consumer."""
+        agent, receipt, mid = p.agent_id, p.receipt, _named(p.message_id, p.receipt)
+        if self.broker.holds(agent, mid):
+            name = await self.broker.reject(
+                agent, receipt=receipt, message_id=p.message_id, reason=p.reason
+            )
+        else:
+            consumer = await self.consumer(agent)
+            name = await anyio.to_thread.run_sync(
+                lambda: consumer.fail(p.message_id, p.reason, receipt=receipt)
+            )
+        self.subscribers.released(agent, {mid})
+        return RejectResult(name)
+
     async def status(self, _: AgentParams) -> StatusReport:
         return await self.broker.status()
 
     async def dlq_list(self, p: DlqListParams) -> DlqListResult:
+        """busd's entries (filtered), then, unless filtered out, the foreign ones (a Tapps
+        dead letter, say: reason ``foreign``, ``"foreign": true``; never moved by busd)."""
         layout = self.config.layout
-        entries = await anyio.to_thread.run_sync(
-            lambda: dlq.list_entries(layout, reason=p.reason, agent=p.agent)
-        )
-        return DlqListResult([{"name": e.name, **msgspec.to_builtins(e.record)} for e in entries])
+
+        def rows() -> list[dict[str, Any]]:
+            entries = dlq.list_entries(layout, reason=p.reason, agent=p.agent)
+            out = [{"name": e.name, **msgspec.to_builtins(e.record)} for e in entries]
+            if p.agent is None and p.reason in (None, foreign.FOREIGN_REASON):
+                out += [e.row() for e in foreign.list_foreign(layout)]
+            return out
+
+        return DlqListResult(await anyio.to_thread.run_sync(rows))
 
     async def dlq_show(self, p: DlqShowParams) -> DlqShowResult:
         entry = await anyio.to_thread.run_sync(dlq.load, self.config.layout, p.name)

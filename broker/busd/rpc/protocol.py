@@ -53,6 +53,8 @@ __all__ = [
     "PublishBatchResult",
     "PublishParams",
     "PublishResult",
+    "RejectParams",
+    "RejectResult",
     "ReplayParams",
     "ReplayResult",
     "Request",
@@ -152,6 +154,16 @@ class ExtendParams(_Params):
 
     agent_id: _Agent
     lease_s: Annotated[float, msgspec.Meta(gt=0, le=_YEAR_S)]
+    message_id: str | None = None
+    receipt: str | None = None
+
+
+class RejectParams(_Params):
+    """``reject``: dead-letter a held delivery (``receipt``, or the current claim of
+    ``message_id``) with reason ``rejected`` and the consumer's ``reason`` as detail."""
+
+    agent_id: _Agent
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
     message_id: str | None = None
     receipt: str | None = None
 
@@ -262,6 +274,12 @@ class ExtendResult(msgspec.Struct):
     """``extend``."""
 
     lease_expires_at: datetime
+
+
+class RejectResult(msgspec.Struct):
+    """``reject``: the DLQ entry that now holds the message's bytes."""
+
+    name: str
 
 
 class SubscribeResult(msgspec.Struct):

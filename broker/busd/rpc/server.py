@@ -10,8 +10,10 @@ inherited from systemd (``LISTEN_FDS``/``LISTEN_PID``) is used as is.
 
 Limits, so no client can exhaust the daemon: at most ``max_connections``
 connections (the next is told ``overloaded`` and closed); a request line may
-hold ``max_message_bytes`` plus 64 KiB of envelope (a longer one is skipped to
-its newline and answered with an error, the connection survives); one request
+hold ``max_message_bytes`` plus 64 KiB of envelope (a longer one is answered
+``too_large``, ``id: null``, as soon as the limit is passed, without waiting for its
+newline, and the connection is then closed, as NATS does on "maximum payload
+violation": what follows an unframed line cannot be trusted to be a request); one request
 at a time per connection, so a client that never reads its answers only
 stalls itself (the kernel buffer fills and we stop reading from it).
 """
@@ -80,7 +82,13 @@ def _inherited_socket() -> socket.socket | None:
 
 
 class _Lines:
-    """Reads ``\\n``-terminated lines of at most ``limit`` bytes from a stream."""
+    """Reads ``\\n``-terminated lines of at most ``limit`` bytes from a stream.
+
+    A longer line yields :attr:`TOO_LONG` as soon as ``limit`` bytes have come without
+    a newline (not when the newline finally arrives: a client may never send one); a
+    further :meth:`next` discards the rest of that line first, so each long line
+    yields one ``TOO_LONG`` and the lines after it are kept.
+    """
 
     TOO_LONG = b"\0too long"
 
@@ -89,20 +97,27 @@ class _Lines:
         self.limit = limit
         self._buf = bytearray()
         self._scanned = 0
+        self._skipping = False
 
     async def next(self) -> bytes | None:
         """The next line (without ``\\n``), :attr:`TOO_LONG`, or None at end of stream."""
-        skipping = False
         while True:
             i = self._buf.find(b"\n", self._scanned)
             if i >= 0:
                 line = bytes(self._buf[:i])
                 del self._buf[: i + 1]
                 self._scanned = 0
-                return self.TOO_LONG if skipping or i > self.limit else line
-            if len(self._buf) > self.limit:
-                skipping = True  # drop what we have; keep reading to the newline
+                if self._skipping:
+                    self._skipping = False  # the end of a line already answered
+                    continue
+                return self.TOO_LONG if i > self.limit else line
+            if self._skipping:
+                self._buf.clear()  # still inside a line already answered: drop it
+            elif len(self._buf) > self.limit:
+                self._skipping = True
                 self._buf.clear()
+                self._scanned = 0
+                return self.TOO_LONG
             self._scanned = len(self._buf)
             try:
                 self._buf += await self._stream.receive(65536)
@@ -268,6 +283,11 @@ class Connection:
                     answer = await self.answer(line, tg)
                     if answer is not None:
                         await self.send(answer)
+                    if line == _Lines.TOO_LONG:
+                        # Answered at once; the rest of an unframed line is not worth
+                        # reading (it may never end), so close, as NATS does.
+                        _log.warning("connection_closed", reason="too_large")
+                        break
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             tg.cancel_scope.cancel()

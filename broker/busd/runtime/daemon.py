@@ -15,8 +15,10 @@ Phases of :meth:`Daemon.run`, in order:
   socket is bound before "ready": a bind error stops start-up with a clear
   message), start the watcher, recover (repair the journal tail, rebuild the
   dedupe index and the in-memory queues from the journal after the
-  checkpoint, return expired claims), start the lanes and timers, then report
-  ready (log line + ``READY=1``). Files that waited in outboxes while no daemon
+  checkpoint, return expired claims), start the lanes and timers, the
+  conductor-loop follower and mirrors (:mod:`~busd.runtime.follow`,
+  :mod:`~busd.runtime.mirror`: they publish and consume through the lanes),
+  then report ready (log line + ``READY=1``). Files that waited in outboxes while no daemon
   ran are routed AFTER ready, by the committer's passes in arrival order
   (``busd status`` shows the backlog draining), so a large backlog never
   delays start-up;
@@ -64,8 +66,10 @@ from busd.routing.router import Incoming, Router, RouteReport
 from busd.runtime.arrivals import Arrivals, Wakeup
 from busd.runtime.committer import Committer
 from busd.runtime.deliverer import Deliverer
+from busd.runtime.follow import Follower
 from busd.runtime.memory import ConsumerMethods, Memory, rebuild
 from busd.runtime.metrics import Metrics
+from busd.runtime.mirror import run_mirrors, with_mirrors
 from busd.runtime.sdnotify import Notifier, watchdog_interval
 from busd.runtime.serving import Serving
 from busd.runtime.topics import Topics
@@ -200,7 +204,7 @@ class Daemon(ConsumerMethods):
         self._running = _Running(self, router)
         self._running.memory.on_returned = lambda agent, ids: self.on_returned(agent, ids)
         # Before any commit and before the lanes exist: nothing can race this.
-        subscriptions = await self.topics.reload(self.config)
+        subscriptions = with_mirrors(self.config, await self.topics.reload(self.config))
         await anyio.to_thread.run_sync(router.reconfigure, self.config, subscriptions)
 
     async def _startup(self, tg: TaskGroup, start_services: StartServices | None) -> RouteReport:
@@ -216,6 +220,10 @@ class Daemon(ConsumerMethods):
         self.metrics.count(report)
         tg.start_soon(parts.committer.run)
         tg.start_soon(parts.deliverer.run)
+        # conductor-loop bus files: followed into the committer, mirrored from topics.
+        follower = Follower(lambda: self.config, parts.committer, self.metrics, self._watch_stop)
+        await tg.start(follower.run)
+        await tg.start(run_mirrors, self)
         # The backlog that waited while no daemon ran: routed after ready, pass by pass.
         parts.committer.request_full_scan()
         parts.memory.hold_until = time.monotonic() + self.config.serve_grace_seconds
@@ -398,7 +406,7 @@ class Daemon(ConsumerMethods):
             new = msgspec.structs.replace(new, root=self.config.root)
         async with self._reconfiguring:
             self.config = new
-            subscriptions = await self.topics.reload(new)
+            subscriptions = with_mirrors(new, await self.topics.reload(new))
             await self._parts.committer.reconfigure(new, subscriptions)
         _log.info("config_reloaded", config_file=new.config_file)
 
@@ -434,6 +442,7 @@ class Daemon(ConsumerMethods):
         async with self._reconfiguring:
             subscriptions = await self.topics.subscribe(topic, agent)
             if subscriptions is not None:
+                subscriptions = with_mirrors(self.config, subscriptions)
                 await self._parts.committer.reconfigure(self.config, subscriptions)
 
     async def status(self) -> StatusReport:

@@ -228,6 +228,56 @@ class Memory:
         )
         return datetime.fromtimestamp(d.lease_until, UTC)
 
+    async def reject(
+        self, agent: str, *, receipt: str | None = None, message_id: str | None = None, reason: str
+    ) -> str:
+        """Dead-letter a delivery in flight (reason ``rejected``, ``detail`` = ``reason``).
+
+        Answered once its DLQ entry (the bytes read back from the journal) and its
+        ``dead_lettered`` journal line are fsynced; on a failure the message is
+        ready again. NotFound / StaleReceipt as for a nack. Returns the entry name.
+        """
+        by_receipt = [receipt] if receipt is not None else []
+        by_id = [message_id] if receipt is None and message_id is not None else []
+        taken = self.queues.ack(agent, receipts=by_receipt, message_ids=by_id).acked
+        if not taken:
+            named = receipt or message_id
+            raise NotFound(
+                f"{agent} holds no claim {named}", receipt=receipt, message_id=message_id
+            )
+        delivery = taken[0]
+        position = delivery.ref.position
+        layout = self._config().layout
+        report = RouteReport()
+
+        def dead_letter() -> JournalEntry:
+            body = self._bodies([delivery.ref]).get(delivery.ref.message_id)
+            if body is None:
+                raise NotFound(f"the journal no longer holds {delivery.ref.message_id}")
+            try:
+                msg = decode(body)
+            except InvalidMessage:
+                msg = None
+            why = InvalidMessage(Reason.REJECTED, reason)
+            refused = Refused(Origin("claim", recipient=agent), why, msg, body)
+            done = refusals.dead_letter(
+                layout, refused, counts=report, delivery_count=delivery.count
+            )
+            return msgspec.structs.replace(done.entry, agent=agent)
+
+        self._hold([position])  # out of memory, not yet in the DLQ: hold the checkpoint
+        try:
+            entry = await anyio.to_thread.run_sync(dead_letter)
+            self._metrics.count(report)
+            await self._committer.record([entry])
+        except BaseException:
+            self.queues.add(agent, delivery.ref, count=delivery.count)
+            raise
+        finally:
+            self._unhold([position])
+        assert entry.to is not None
+        return entry.to[0]
+
     def info(self) -> dict[str, QueueInfo]:
         """Each agent with a memory queue or a socket consumer, as ``busd status`` shows it."""
         queues, serving = self.queues, self.serving
@@ -455,3 +505,11 @@ class ConsumerMethods:
     ) -> datetime:
         """Push a memory delivery's lease to ``lease_s`` from now."""
         return self._memory().extend(agent, receipt=receipt, message_id=message_id, lease_s=lease_s)
+
+    async def reject(
+        self, agent: str, *, receipt: str | None, message_id: str | None, reason: str
+    ) -> str:
+        """Dead-letter a memory delivery in flight, reason ``rejected``; the DLQ entry name."""
+        return await self._memory().reject(
+            agent, receipt=receipt, message_id=message_id, reason=reason
+        )

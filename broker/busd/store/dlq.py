@@ -23,6 +23,16 @@ history. Replay, in-place record updates (:func:`note_replay_failed`) and purge
 hold the exclusive lock ``dlq/.lock`` (:func:`locked`), so two concurrent replays
 of one entry never both deliver it. Records are replaced with
 :func:`~busd.store.fsio.replace_durable`.
+
+**Foreign files.** busd never deletes or moves a file in ``dlq/`` it did not write.
+Its own files are the records, the data named by a record, and orphan data named
+``<20 digits>-<name>`` that has no ``.reason.txt`` beside it. Everything else in
+``dlq/`` (not hidden, not ``replayed/`` nor busd's entry directory) is *foreign*: Tapps'
+dead letters ``<stem>.<hex>.json`` with ``<stem>.<hex>.reason.txt``, or any other
+file. :func:`list_foreign` lists them (with the text of their ``.reason.txt``) and
+:func:`load_foreign` reads one; purge and replay never touch them. With
+``compat = "tapps"`` busd's own entries live in ``dlq/busd/`` (:attr:`Layout.dlq`),
+so Tapps' ``replay_dlq`` (``dlq/*.json``) never sees them.
 """
 
 from __future__ import annotations
@@ -53,15 +63,21 @@ from busd.store.fsio import (
     replace_durable,
     write_durable,
 )
-from busd.store.layout import Layout, ensure_dir
+from busd.store.layout import Layout, ensure_dir, ensure_dlq
 from busd.store.mailbox import arrival_clock
 
 __all__ = [
+    "ENTRY_NAME",
+    "FOREIGN_REASON_SUFFIX",
+    "RECORD_MAX_BYTES",
     "RECORD_SUFFIX",
     "DlqEntry",
     "HistoryEvent",
     "ReasonRecord",
     "dead_letter",
+    "find",
+    "foreign_reason_name",
+    "is_orphan",
     "list_entries",
     "load",
     "locked",
@@ -71,6 +87,8 @@ __all__ = [
 ]
 
 RECORD_SUFFIX = ".reason.json"
+FOREIGN_REASON_SUFFIX = ".reason.txt"
+"""Tapps' reason file beside its dead letter ``<stem>.<hex>.json``."""
 _MAX_NAME = 150
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _LOCK_TIMEOUT_S = 10.0
@@ -195,13 +213,15 @@ def _place(layout: Layout, base: str, source: Path | None, data: bytes | None) -
             return name
 
 
-_ENTRY_NAME = re.compile(r"[0-9]{20}-[A-Za-z0-9._-]{1,200}")
-_RECORD_MAX_BYTES = 64 * 1024  # a reason record is small; never load a planted giant
+ENTRY_NAME = re.compile(r"[0-9]{20}-[A-Za-z0-9._-]{1,200}")
+"""The names of busd's entries (data; the record adds ``.reason.json``)."""
+RECORD_MAX_BYTES = 64 * 1024
+"""A reason record is small: never load a planted giant."""
 
 
 def _load_record(path: Path) -> ReasonRecord | None:
     try:
-        raw = read_limited(path, _RECORD_MAX_BYTES)
+        raw = read_limited(path, RECORD_MAX_BYTES)
     except FileNotFoundError:
         return None
     except InvalidMessage as exc:
@@ -240,6 +260,7 @@ def dead_letter(
     """
     if source is None and data is None:
         raise ValueError("dead_letter needs a source or data")
+    ensure_dlq(layout)
     if original_path is None and source is not None:
         try:
             original_path = source.absolute().relative_to(layout.root).as_posix()
@@ -303,7 +324,7 @@ def list_entries(
 
 def load(layout: Layout, name: str) -> DlqEntry:
     """The entry ``name``; :class:`NotFound` if it has no record (never was, or replayed)."""
-    if not _ENTRY_NAME.fullmatch(name):
+    if not ENTRY_NAME.fullmatch(name):
         raise NotFound(f"no DLQ entry {name!r}", name=name[:200])
     record = _load_record(_record_path(layout, name))
     if record is None:
@@ -314,6 +335,7 @@ def load(layout: Layout, name: str) -> DlqEntry:
 @contextmanager
 def locked(layout: Layout) -> Iterator[None]:
     """Hold ``dlq/.lock`` (replay, record updates, purge); :class:`LockTimeout` after 10 s."""
+    ensure_dlq(layout)
     with file_lock(layout.dlq_lock, timeout=_LOCK_TIMEOUT_S, what="the DLQ"):
         yield
 
@@ -402,7 +424,7 @@ def purge(
         leftovers = [
             (layout.dlq / n, max(older_than_s, _ORPHAN_MIN_AGE_S))
             for n in names
-            if n[:1].isdigit() and not n.endswith(RECORD_SUFFIX) and n + RECORD_SUFFIX not in names
+            if is_orphan(n, names)
         ]
         replayed = layout.dlq_replayed
         leftovers += [(replayed / n, older_than_s) for n in list_names(replayed)]
@@ -412,3 +434,36 @@ def purge(
                     _remove(path)
         fsync_dir(layout.dlq)
     return purged
+
+
+def foreign_reason_name(name: str) -> str:
+    """The name of Tapps' reason file for ``name`` (``x.json`` -> ``x.reason.txt``)."""
+    stem = name[: -len(".json")] if name.endswith(".json") else name
+    return stem + FOREIGN_REASON_SUFFIX
+
+
+def is_orphan(name: str, names: set[str]) -> bool:
+    """Whether ``name`` is busd's data without its record (a crash between the two)."""
+    return (
+        ENTRY_NAME.fullmatch(name) is not None
+        and not name.endswith((RECORD_SUFFIX, FOREIGN_REASON_SUFFIX))
+        and name + RECORD_SUFFIX not in names
+        and foreign_reason_name(name) not in names
+    )
+
+
+def find(layout: Layout, original_path: str, sha256: str) -> str | None:
+    """The entry holding bytes with ``sha256`` dead-lettered from ``original_path``, if
+    any: a writer that may meet the same refusal again (a followed file read again after a
+    crash) dead-letters it once. Reads only the records whose names could match."""
+    suffix = "-" + _sanitise(Path(original_path).name) + RECORD_SUFFIX
+    for name in list_names(layout.dlq):
+        if not name.endswith(suffix):
+            continue
+        try:
+            record = _load_record(layout.dlq / name)
+        except StorageError:
+            continue
+        if record is not None and (record.original_path, record.sha256) == (original_path, sha256):
+            return name[: -len(RECORD_SUFFIX)]
+    return None

@@ -11,6 +11,7 @@
       busd.sock                    the daemon's socket (when the path is short enough)
       busd.sock.path               where the socket is when it is not busd.sock
       subscriptions.json           topic subscriptions made at run time
+      conductor-follow.json        how far each followed conductor-loop bus file is routed
       tmp/                         staging for atomic writes (same filesystem)
       outbox/<agent_id>/           messages an agent sends; routed by busd
       inbox/<agent_id>/            messages ready for agent_id
@@ -27,7 +28,19 @@
 Delivery names (``inbox/`` and ``locks/``) are
 ``<arrival:20 digits>-<deliveries:3 digits>-<message_id>.json``: the fixed-width
 prefix makes listing order arrival order and lets the id parse back even though
-message ids may themselves contain ``-`` and ``.``.
+message ids may themselves contain ``-`` and ``.``. The *Tapps form*
+``<arrival>-<deliveries>_<message_id>_<message_type>.json`` (written with
+``compat = "tapps"`` for Tapps' three types) parses the same way: its tail is what
+Tapps' ack and fail globs (``*_{id}_{type}.json``) look for, and the type, one of
+three fixed words at the very end, keeps the id unambiguous. The *native form*
+``<arrival>-<deliveries>-<message_id>.busd`` (tapps mode, busd's other five types,
+which Tapps cannot parse) is busd's form with a suffix Tapps' ``*.json`` glob skips.
+Every reader of delivery names understands all three forms in every mode; a
+receipt is the name without its suffix (:func:`receipt_of`).
+
+With ``compat = "tapps"`` busd's dead-letter entries live in ``dlq/busd/``
+(:attr:`Layout.dlq`), out of the ``dlq/*.json`` glob of Tapps' ``replay_dlq``;
+``dlq/`` itself (:attr:`Layout.dlq_top`) then holds only what others wrote.
 """
 
 from __future__ import annotations
@@ -43,14 +56,18 @@ from busd.store.fsio import fsync_dir, list_names, mark_top_dir
 __all__ = [
     "DIR_MODE",
     "JOURNAL_LOCK_NAME",
+    "TAPPS_TYPES",
     "DeliveryName",
     "Layout",
     "delivery_name",
     "ensure_dir",
+    "ensure_dlq",
     "init_bus",
     "ledger_lock_path",
     "outbox_name",
     "parse_delivery_name",
+    "receipt_of",
+    "tapps_delivery_name",
 ]
 
 DIR_MODE = 0o700
@@ -58,28 +75,100 @@ JOURNAL_LOCK_NAME = ".lock"
 """The writer's lock inside a journal directory (``Journal`` is given the directory)."""
 _SUBDIRS = ("tmp", "outbox", "inbox", "locks", "processed", "dlq", "journal")
 _DELIVERY_RE = re.compile(r"([0-9]{20})-([0-9]{3})-([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json")
+TAPPS_TYPES = ("task_assignment", "status_update", "task_complete")
+"""The message types Tapps' FileMessageBus parses; only these get Tapps delivery names."""
+_TAPPS_DELIVERY_RE = re.compile(
+    r"([0-9]{20})-([0-9]{3})_([A-Za-z0-9][A-Za-z0-9._-]{0,127})"
+    r"_(task_assignment|status_update|task_complete)\.json"
+)
+_NATIVE_DELIVERY_RE = re.compile(r"([0-9]{20})-([0-9]{3})-([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.busd")
+_NATIVE_SUFFIX = ".busd"
 _MAX_DELIVERIES_IN_NAME = 999
 
 
-class DeliveryName(NamedTuple):
-    """The parts of a delivery file name."""
-
+class _Parts(NamedTuple):
     arrival: str
     deliveries: int
     message_id: str
 
 
-def delivery_name(arrival: str, deliveries: int, message_id: str) -> str:
-    """Format a delivery name; ``deliveries`` is capped at 999 to keep the width fixed."""
-    return f"{arrival}-{min(deliveries, _MAX_DELIVERIES_IN_NAME):03d}-{message_id}.json"
+class DeliveryName(_Parts):
+    """The parts of a delivery file name: compares equal to ``(arrival, deliveries, id)``.
+
+    ``message_type`` is set for the Tapps form only (one of :data:`TAPPS_TYPES`);
+    ``native`` is True for the native form (``.busd``).
+    """
+
+    message_type: str | None
+    native: bool
+
+    def __new__(
+        cls,
+        arrival: str,
+        deliveries: int,
+        message_id: str,
+        message_type: str | None = None,
+        native: bool = False,
+    ) -> DeliveryName:
+        self = super().__new__(cls, arrival, deliveries, message_id)
+        self.message_type = message_type
+        self.native = native
+        return self
+
+    def renamed(self, arrival: str | None = None, deliveries: int | None = None) -> str:
+        """This name in the same form with another arrival and/or count."""
+        name = delivery_name(
+            self.arrival if arrival is None else arrival,
+            self.deliveries if deliveries is None else deliveries,
+            self.message_id,
+            self.message_type,
+        )
+        return name.removesuffix(".json") + _NATIVE_SUFFIX if self.native else name
+
+
+def delivery_name(
+    arrival: str, deliveries: int, message_id: str, message_type: str | None = None
+) -> str:
+    """Format a delivery name; ``deliveries`` is capped at 999 to keep the width fixed.
+
+    With ``message_type`` (one of :data:`TAPPS_TYPES`) the Tapps form; with None (or
+    another type) busd's own form.
+    """
+    count = min(deliveries, _MAX_DELIVERIES_IN_NAME)
+    if message_type in TAPPS_TYPES:
+        return f"{arrival}-{count:03d}_{message_id}_{message_type}.json"
+    return f"{arrival}-{count:03d}-{message_id}.json"
+
+
+def tapps_delivery_name(arrival: str, deliveries: int, message_id: str, message_type: str) -> str:
+    """The name of a delivery in tapps mode: the Tapps form for Tapps' three types, the
+    native form (``.busd``, out of Tapps' ``*.json`` glob) for every other type."""
+    if message_type in TAPPS_TYPES:
+        return delivery_name(arrival, deliveries, message_id, message_type)
+    return delivery_name(arrival, deliveries, message_id).removesuffix(".json") + _NATIVE_SUFFIX
+
+
+def receipt_of(name: str) -> str:
+    """The receipt of the claim named ``name``: the name without its suffix."""
+    return (
+        name.removesuffix(_NATIVE_SUFFIX)
+        if name.endswith(_NATIVE_SUFFIX)
+        else name.removesuffix(".json")
+    )
 
 
 def parse_delivery_name(name: str) -> DeliveryName | None:
-    """Parse a delivery name, or return ``None`` for a foreign name."""
+    """Parse a delivery name (any form), or return ``None`` for a foreign name."""
     m = _DELIVERY_RE.fullmatch(name)
+    if m is not None:
+        return DeliveryName(m.group(1), int(m.group(2)), m.group(3))
+    m = _TAPPS_DELIVERY_RE.fullmatch(name)
+    if m is not None:
+        return DeliveryName(m.group(1), int(m.group(2)), m.group(3), m.group(4))
+    m = _NATIVE_DELIVERY_RE.fullmatch(name)
     if m is None:
         return None
-    return DeliveryName(m.group(1), int(m.group(2)), m.group(3))
+    return DeliveryName(m.group(1), int(m.group(2)), m.group(3), native=True)
 
 
 def ledger_lock_path(ledger: Path) -> Path:
@@ -97,6 +186,8 @@ class Layout:
     """Every path of one bus root. Pure: building one touches no file."""
 
     root: Path
+    dlq_subdir: str = ""
+    """Where busd's own dead letters go below ``dlq/``: ``"busd"`` with ``compat = "tapps"``."""
 
     @property
     def tmp(self) -> Path:
@@ -120,6 +211,13 @@ class Layout:
 
     @property
     def dlq(self) -> Path:
+        """The directory of busd's dead-letter entries (``dlq/``, or ``dlq/busd/``)."""
+        top = self.dlq_top
+        return top / self.dlq_subdir if self.dlq_subdir else top
+
+    @property
+    def dlq_top(self) -> Path:
+        """``dlq/``: where other systems (Tapps) put their dead letters, too."""
         return self.root / "dlq"
 
     @property
@@ -155,6 +253,21 @@ class Layout:
     def subscriptions_file(self) -> Path:
         """``subscriptions.json``: topic subscriptions made at run time."""
         return self.root / "subscriptions.json"
+
+    @property
+    def bridge_status_file(self) -> Path:
+        """``bridge-status.json``: what ``busd bridge nats`` last reported (``busd status``)."""
+        return self.root / "bridge-status.json"
+
+    @property
+    def web_token_file(self) -> Path:
+        """``web-token``: the secret of ``busd web`` (0600, created at its first start)."""
+        return self.root / "web-token"
+
+    @property
+    def conductor_follow_file(self) -> Path:
+        """``conductor-follow.json``: the cursors of followed conductor-loop bus files."""
+        return self.root / "conductor-follow.json"
 
     @property
     def checkpoint_file(self) -> Path:
@@ -234,3 +347,9 @@ def init_bus(root: Path) -> Layout:
     for sub in _SUBDIRS:
         ensure_dir(root / sub)
     return layout
+
+
+def ensure_dlq(layout: Layout) -> None:
+    """Create :attr:`Layout.dlq` if it is a subdirectory that is missing (tapps mode)."""
+    if layout.dlq_subdir:
+        ensure_dir(layout.dlq)

@@ -1,6 +1,12 @@
 """The processed ledger, ``processed/<agent>.jsonl``: what an agent acknowledged.
 
 One JSON object per line: ``{"message_id", "idempotency_key", "acked_at"}``.
+A line that is not a JSON object (its first non-blank byte is not ``{``) is a *bare
+id*, the whole line stripped of white space: what Tapps' FileMessageBus appends
+(``message_id + "\n"``). Every reader (:func:`parse_line`) takes it as an ack of that
+id, without a key, in every mode; compaction keeps it (it has no date). With
+``compat = "tapps"`` busd's appends add a bare-id line after each JSON line, in the
+same write (``add_many(bare_ids=True)``), so Tapps' reader sees busd's acks too.
 The acked ids and the acked idempotency keys are two separate sets: a claimed
 message was processed before iff its ``message_id`` is among the acked ids or
 its ``idempotency_key`` among the acked keys (:meth:`ProcessedLedger.acked`);
@@ -29,7 +35,7 @@ import msgspec
 from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, replace_durable, storage_error
 from busd.store.layout import ledger_lock_path
 
-__all__ = ["LedgerRecord", "ProcessedLedger", "rfc3339"]
+__all__ = ["LedgerRecord", "ProcessedLedger", "parse_line", "rfc3339"]
 
 _LOCK_TIMEOUT_S = 10.0
 
@@ -45,6 +51,31 @@ class LedgerRecord(msgspec.Struct, frozen=True, kw_only=True):
     message_id: str
     idempotency_key: str | None = None
     acked_at: str
+
+
+_decoder = msgspec.json.Decoder(LedgerRecord)
+_BARE_UNDATED = ""
+
+
+def parse_line(line: bytes) -> LedgerRecord | None:
+    """One complete ledger line (without its newline) as a record, or None to skip it.
+
+    A JSON line decodes as a :class:`LedgerRecord` (unknown fields ignored); any other
+    non-blank line is a bare id (Tapps' ack): a record with that id, no key and an
+    empty ``acked_at``. Blank lines, and JSON lines that do not decode, are skipped.
+    """
+    text = line.strip()
+    if not text:
+        return None
+    if text[:1] == b"{":
+        try:
+            return _decoder.decode(text)
+        except msgspec.DecodeError:
+            return None  # a torn line glued to garbage
+    try:
+        return LedgerRecord(message_id=text.decode("utf-8"), acked_at=_BARE_UNDATED)
+    except UnicodeDecodeError:
+        return None
 
 
 class ProcessedLedger:
@@ -89,11 +120,9 @@ class ProcessedLedger:
             return
         self._offset += end + 1
         for line in chunk[:end].split(b"\n"):
-            try:
-                rec = msgspec.json.decode(line, type=LedgerRecord)
-            except msgspec.DecodeError:
-                continue  # a torn line glued to garbage, or an empty line
-            self._add(rec)
+            rec = parse_line(line)
+            if rec is not None:
+                self._add(rec)
 
     def acked(self, message_id: str, key: str | None) -> bool:
         """Whether a message with this id and idempotency key was acknowledged.
@@ -125,15 +154,17 @@ class ProcessedLedger:
         self.refresh()
         return len(self._ids) + len(self._keys)
 
-    def add_many(self, records: Iterable[LedgerRecord]) -> None:
+    def add_many(self, records: Iterable[LedgerRecord], *, bare_ids: bool = False) -> None:
         """Append ``records`` as one write + one fsync under the exclusive ledger lock.
 
-        Raises :class:`LockTimeout` if the lock is not acquired within 10 s.
+        ``bare_ids`` (``compat = "tapps"``): each JSON line is followed by a line holding
+        the bare message id, which is what Tapps' reader matches. Raises
+        :class:`LockTimeout` if the lock is not acquired within 10 s.
         """
         recs = list(records)
         if not recs:
             return
-        payload = b"".join(msgspec.json.encode(r) + b"\n" for r in recs)
+        payload = b"".join(_encode_line(r, bare_ids) for r in recs)
         with self._locked():
             try:
                 self._append(payload)
@@ -190,11 +221,13 @@ class ProcessedLedger:
             for line in data.split(b"\n"):
                 if not line:
                     continue
+                rec = parse_line(line)
                 try:
-                    rec = msgspec.json.decode(line, type=LedgerRecord)
-                    old = datetime.fromisoformat(rec.acked_at).timestamp() < limit
-                except (msgspec.DecodeError, ValueError):
-                    old = False
+                    old = (
+                        rec is not None and datetime.fromisoformat(rec.acked_at).timestamp() < limit
+                    )
+                except ValueError:
+                    old = False  # a bare id (no date) or a date we cannot read: kept
                 if old:
                     dropped += 1
                 else:
@@ -208,3 +241,10 @@ class ProcessedLedger:
             self._keys.clear()
             self._offset, self._ino = 0, None
         return dropped
+
+
+def _encode_line(record: LedgerRecord, bare_id: bool) -> bytes:
+    line = msgspec.json.encode(record) + b"\n"
+    if bare_id and "\n" not in record.message_id and "\r" not in record.message_id:
+        line += record.message_id.encode("utf-8") + b"\n"
+    return line

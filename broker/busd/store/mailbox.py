@@ -5,6 +5,8 @@ Contracts:
 * :func:`publish` is the daemon-less producer: when it returns, the message is
   a complete file in ``outbox/<agent>/`` and (with fsync on, the default) on
   disk. It validates first, so nothing invalid is ever published by busd.
+* :func:`waiting` / :func:`waiting_in` list what waits to be routed: outbox files
+  and, in inboxes, files without a delivery name (producers' own drops, 5.4).
 * :func:`deliver` places bytes in ``inbox/<agent>/`` under a delivery name,
   atomically and without replacing anything. Whether each file is fsynced is
   the caller's choice: the router fsyncs per batch, because the journal, not
@@ -15,16 +17,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from busd.core.codec import encode_json
 from busd.core.ids import ArrivalClock
 from busd.core.model import Message, check_agent_name
-from busd.store.fsio import fsync_dir, syncfs, write_durable
-from busd.store.layout import Layout, delivery_name, ensure_dir, outbox_name
+from busd.errors import InvalidName
+from busd.store.fsio import fsync_dir, list_names, syncfs, write_durable
+from busd.store.layout import Layout, delivery_name, ensure_dir, outbox_name, parse_delivery_name
 
-__all__ = ["arrival_clock", "deliver", "ensure_agent_dirs", "publish", "publish_bytes", "sync_dirs"]
+__all__ = [
+    "arrival_clock",
+    "deliver",
+    "ensure_agent_dirs",
+    "publish",
+    "publish_bytes",
+    "sync_dirs",
+    "waiting",
+    "waiting_in",
+]
 
 arrival_clock = ArrivalClock()
 """The process-wide source of arrival keys for outbox and delivery names."""
@@ -51,12 +64,15 @@ def ensure_agent_dirs(layout: Layout, agent: str) -> None:
 
 
 def publish_bytes(
-    layout: Layout, agent: str, data: bytes, message_id: str, *, fsync: bool = True
+    layout: Layout, agent: str | None, data: bytes, message_id: str, *, fsync: bool = True
 ) -> Path:
-    """Write already-validated ``data`` into ``outbox/<agent>/``; return its path."""
-    check_agent_name(agent, "sender")
-    directory = layout.outbox_dir(agent)
-    _ensure(directory)
+    """Write already-validated ``data`` into ``outbox/<agent>/`` (``outbox/`` itself for
+    ``None``); return its path."""
+    if agent is None:
+        directory = layout.outbox
+    else:
+        directory = layout.outbox_dir(check_agent_name(agent, "sender"))
+        _ensure(directory)
     while True:
         name = outbox_name(arrival_clock.next(), message_id)
         try:
@@ -68,14 +84,18 @@ def publish_bytes(
 def publish(
     layout: Layout, message: Message, *, sender: str | None = None, fsync: bool = True
 ) -> Path:
-    """Publish ``message`` into the outbox of ``sender`` (default: its ``agent_id``).
+    """Publish ``message`` into the outbox of ``sender`` (default: its ``agent_id``, or
+    ``outbox/`` itself when that free text is no agent name).
 
     ``fsync`` is the caller's (the bus's ``fsync`` setting, usually); False is the
     seed's "optional fsync" for messages that may be lost in a power cut.
     """
-    return publish_bytes(
-        layout, sender or message.agent_id, encode_json(message), message.message_id, fsync=fsync
-    )
+    if sender is None:
+        try:
+            sender = check_agent_name(message.agent_id, "sender")
+        except InvalidName:
+            sender = None
+    return publish_bytes(layout, sender, encode_json(message), message.message_id, fsync=fsync)
 
 
 def deliver(
@@ -134,3 +154,47 @@ def sync_dirs(paths: Iterable[Path]) -> None:
             os.close(fd)
     for d in dirs:
         fsync_dir(d)
+
+
+def waiting(layout: Layout) -> list[Path]:
+    """Every file waiting to be routed: outbox files, then foreign inbox files.
+
+    Names starting with ``.`` are in-progress writes by convention and skipped.
+    """
+    found = [p for d in _subdirs(layout.outbox) for p in _entries(d)]
+    found.extend(p for p in _entries(layout.outbox) if not p.is_dir())
+    for d in _subdirs(layout.inbox):
+        found.extend(_foreign(d))
+    return found
+
+
+def waiting_in(layout: Layout, dirs: set[Path]) -> list[Path]:
+    """The files waiting in ``dirs`` (outbox or inbox directories)."""
+    found: list[Path] = []
+    for d in sorted(dirs):
+        if d == layout.outbox:
+            found.extend(p for p in _entries(d) if not p.is_dir())
+            continue
+        found.extend(_foreign(d) if d.parent == layout.inbox else _entries(d))
+    return found
+
+
+def _subdirs(parent: Path) -> list[Path]:
+    return [parent / n for n in list_names(parent) if _is_dir(parent / n)]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)  # a symlink is not followed
+    except FileNotFoundError:
+        return False
+
+
+def _entries(directory: Path) -> list[Path]:
+    return [directory / n for n in list_names(directory)]
+
+
+def _foreign(directory: Path) -> list[Path]:
+    """Files of an inbox without a delivery name (filtered before the sort: only few)."""
+    names = [n for n in list_names(directory, sort=False) if not parse_delivery_name(n)]
+    return [directory / n for n in sorted(names)]

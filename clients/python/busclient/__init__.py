@@ -44,6 +44,9 @@ Contracts:
   whose lease expired and that was handed out again raises :class:`StaleReceipt`
   and never settles the newer claim. ``Client.ack``/``nack``/``extend`` also take
   message ids, meaning "the current claim" (protocol.md 6.8 and 11).
+* ``reject`` dead-letters a claim (reason ``rejected``) through the daemon or, without
+  one, as the file protocol says (protocol.md 6.2). ``peek``, ``thread`` and ``message``
+  always read the files (the inbox, the journal), daemon or not.
 * Errors are :class:`BusError` subclasses carrying the JSON-RPC ``code``, the stable
   ``reason`` and the answer's ``data``. :class:`Unavailable` means no daemon could be
   reached and the call has no fallback: ``fallback=False`` was given, or the method
@@ -53,6 +56,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -68,7 +72,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 __all__ = [
     "AsyncClient",
@@ -98,10 +102,69 @@ __all__ = [
 
 _T = TypeVar("_T")
 _IS_WINDOWS = sys.platform == "win32"
-_DELIVERY_RE = re.compile(r"([0-9]{20})-([0-9]{3})-([A-Za-z0-9][A-Za-z0-9._-]{0,127})\.json\Z")
+_SEGMENT_RE = re.compile(r"[0-9]{12}\.ndjson\Z")
+# busd's form (.json), its native form (.busd) and the Tapps form (protocol.md 2, compat).
+_DELIVERY_RE = re.compile(
+    r"([0-9]{20})-([0-9]{3})(?:-([A-Za-z0-9][A-Za-z0-9._-]{0,127})(\.json|\.busd)"
+    r"|_([A-Za-z0-9][A-Za-z0-9._-]{0,127})_(task_assignment|status_update|task_complete)\.json)\Z"
+)
 _LINE_LIMIT = 1 << 30  # one answer holds up to `max` messages of max_message_bytes each
 _LOCK_TIMEOUT_S = 10.0
 _Via = Literal["socket", "file"]
+
+
+class _Delivery(NamedTuple):
+    """A parsed delivery name: ``[1]`` arrival, ``[2]`` deliveries (3 digits), ``[3]`` id."""
+
+    name: str
+    arrival: str
+    times: str
+    mid: str
+    kind: str | None  # the Tapps form's type; None for busd's two forms
+    suffix: str
+
+    def renamed(self, arrival: str, count: int, mid: str | None = None) -> str:
+        """This name's form with another arrival, count (capped at 999) and maybe id."""
+        mid = self.mid if mid is None else mid
+        if self.kind is not None:
+            return f"{arrival}-{min(count, 999):03d}_{mid}_{self.kind}.json"
+        return f"{arrival}-{min(count, 999):03d}-{mid}{self.suffix}"
+
+
+def _delivery(name: str) -> _Delivery | None:
+    m = _DELIVERY_RE.match(name)
+    if m is None:
+        return None
+    if m[3] is not None:
+        return _Delivery(name, m[1], m[2], m[3], None, m[4])
+    return _Delivery(name, m[1], m[2], m[5], m[6], ".json")
+
+
+def _receipt(name: str) -> str:
+    """A claim's receipt: its name without the suffix (busd.store.layout.receipt_of)."""
+    return name.removesuffix(".busd") if name.endswith(".busd") else name.removesuffix(".json")
+
+
+def _from_tapps(msg: dict[str, Any]) -> dict[str, Any]:
+    """A Tapps-shaped delivery (compat = "tapps") back as the message busd accepted: what
+    busd moved into ``metadata["busd"]`` returns to its place (busd.store.tapps)."""
+    meta = msg.get("metadata")
+    block = meta.get("busd") if isinstance(meta, dict) else None
+    if not isinstance(block, dict) or not set(block) <= {"fields", "metadata", "no_metadata"}:
+        return msg
+    assert isinstance(meta, dict)
+    own = {k: v for k, v in meta.items() if k != "busd"}
+    if "metadata" in block:
+        own["busd"] = block["metadata"]
+    out = dict(msg)
+    if isinstance(block.get("fields"), dict):
+        out.update({k: v for k, v in block["fields"].items() if v is not None})
+    if block.get("no_metadata") and not own:
+        out.pop("metadata", None)
+    else:
+        out["metadata"] = own
+    return out
+
 
 # ---------------------------------------------------------------- errors
 
@@ -374,6 +437,7 @@ class _Settings:
     max_deliveries: int = 5
     max_message_bytes: int = 1 << 20
     fsync: bool = True
+    compat: str = "none"
 
     @classmethod
     def load(cls, root: Path) -> _Settings:
@@ -386,7 +450,9 @@ class _Settings:
             with suppress(TypeError, ValueError):  # busd refuses a bad value; keep the default
                 if raw is None:
                     continue
-                if isinstance(default, bool):
+                if isinstance(default, str):
+                    kwargs[key] = str(raw)
+                elif isinstance(default, bool):
                     if text in ("true", "1", "false", "0"):
                         kwargs[key] = text in ("true", "1")
                 elif (number := type(default)(raw)) > 0:
@@ -428,6 +494,16 @@ def _text(lo: int = 0, hi: int | None = None) -> _Check:
             raise _invalid("schema", f"length must be {lo}..{hi or 'any'}, got {n}", path)
 
     return check
+
+
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _agent_text(value: Any, path: str) -> None:
+    """agent_id: free text (schema 1.1), 1..256 characters, no control characters."""
+    text = _str(value, path)
+    if not 1 <= len(text) <= 256 or _CONTROL_RE.search(text):
+        raise _invalid("schema", "agent_id must be 1..256 characters without controls", path)
 
 
 def _name(value: Any, path: str) -> None:
@@ -530,7 +606,7 @@ _ENVELOPE: dict[str, tuple[bool, _Check]] = {  # field: (required, check)
     "created_at": (True, _datetime),
     "workflow_id": (True, _text(1, 256)),
     "task_id": (True, _text(1, 256)),
-    "agent_id": (True, _name),
+    "agent_id": (True, _agent_text),
     "to": (False, _recipients),
     "idempotency_key": (False, _text(1, 256)),
     "parents": (False, _message_ids),
@@ -834,6 +910,11 @@ class _Ledger:
         end = chunk.rfind(b"\n")  # a last line without its newline is a write in progress
         self._offset += end + 1
         for line in chunk[: max(end, 0)].split(b"\n"):
+            bare = line.strip()
+            if bare and not bare.startswith(b"{"):  # a bare id: Tapps' ack line (6.4)
+                with suppress(UnicodeDecodeError):
+                    self._ids.add(bare.decode("utf-8"))
+                continue
             with suppress(ValueError, LookupError, TypeError):  # not a record: skipped
                 rec = json.loads(line)
                 if isinstance(rec["message_id"], str) and isinstance(rec["acked_at"], str):
@@ -841,9 +922,15 @@ class _Ledger:
                     if isinstance(rec.get("idempotency_key"), str):
                         self._keys.add(rec["idempotency_key"])
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        """One write and one fsync under the exclusive lock; a torn last line is ended first."""
-        payload = b"".join(_encode(r) + b"\n" for r in records)
+    def append(self, records: list[dict[str, Any]], bare_ids: bool = False) -> None:
+        """One write and one fsync under the exclusive lock; a torn last line is ended first.
+
+        ``bare_ids`` (compat = "tapps"): each record is followed by its bare id, Tapps' line.
+        """
+        payload = b"".join(
+            _encode(r) + b"\n" + (r["message_id"].encode() + b"\n" if bare_ids else b"")
+            for r in records
+        )
         with _flocked(self.path.parent / f".{self.path.stem}.lock"):
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -869,6 +956,19 @@ def _message_in(data: bytes) -> dict[str, Any] | None:
     if not isinstance(msg, dict) or not isinstance(msg.get("message_id"), str):
         return None
     return {k: v for k, v in msg.items() if v is not None and not (k == "body" and v == "")}
+
+
+def _summary(msg: Mapping[str, Any], message_id: str, count: int) -> dict[str, Any]:
+    """What a peek shows of a waiting message: no body."""
+    return {
+        "message_id": msg.get("message_id", message_id),
+        "from": msg.get("agent_id"),
+        "type": msg.get("message_type"),
+        "created_at": msg.get("created_at"),
+        "delivery_count": count,
+        "workflow_id": msg.get("workflow_id"),
+        "task_id": msg.get("task_id"),
+    }
 
 
 class _Files:
@@ -897,20 +997,17 @@ class _Files:
         """Validate, then tmp/ + fsync + no-replace link into outbox/<sender>/ + fsync dir."""
         data = validate_message(message, max_bytes=self.settings.max_message_bytes)
         mid = str(message["message_id"])
-        outbox = self._dir("outbox", _agent(sender or message["agent_id"], "sender"))
+        if sender is not None:
+            outbox = self._dir("outbox", _agent(sender, "sender"))
+        else:
+            # agent_id is free text: a name that cannot be a directory drops into outbox/ itself.
+            try:
+                outbox = self._dir("outbox", _agent(message["agent_id"], "sender"))
+            except InvalidName:
+                outbox = self._dir("outbox")
         tmp = self._dir("tmp") / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.tmp"
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600
-            )
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self.settings.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write_new(tmp, data)
             while True:
                 path = outbox / f"{_arrivals.next()}-{mid}.json"
                 with suppress(FileExistsError):  # another process drew this name
@@ -943,11 +1040,11 @@ class _Files:
             time.sleep(min(0.05, left))
 
     def _claim(self, agent: str, src: Path, locks: Path) -> _Claimed | None:
-        parsed = _DELIVERY_RE.match(src.name)
+        parsed = _delivery(src.name)
         if parsed is None:
             return None  # a foreign or hidden name: the router turns it into a delivery
-        arrival, n, mid = parsed.group(1), int(parsed.group(2)), parsed.group(3)
-        dst = locks / f"{arrival}-{min(n + 1, 999):03d}-{mid}.json"
+        arrival, n, mid = parsed[1], int(parsed[2]), parsed[3]
+        dst = locks / parsed.renamed(arrival, n + 1)
         exhausted = n >= self.settings.max_deliveries
         expiry = time.time() + (0 if exhausted else self.settings.lease_seconds)
         try:
@@ -965,6 +1062,7 @@ class _Files:
         except (FileNotFoundError, FileExistsError):
             return None  # another consumer won, or the sweep took it back
         msg = _message_in(data)
+        msg = msg if msg is None or parsed.kind is None else _from_tapps(msg)
         if msg is None or len(data) > self.settings.max_message_bytes:
             with suppress(OSError):  # undo the claim; busd decodes or dead-letters it
                 _move_noreplace(dst, src)
@@ -974,27 +1072,33 @@ class _Files:
             os.unlink(dst)  # acked before: dropping the copy keeps side effects single
             return None
         if msg["message_id"] != mid:  # keep the claim findable by the id acks will name
-            name = f"{arrival}-{min(n + 1, 999):03d}-{msg['message_id']}.json"
+            name = parsed.renamed(arrival, n + 1, msg["message_id"])
             dst = locks / self._return(dst, locks, name)
-        return msg, n + 1, datetime.fromtimestamp(expiry, UTC), dst.name.removesuffix(".json")
+        return msg, n + 1, datetime.fromtimestamp(expiry, UTC), _receipt(dst.name)
 
     def _return(self, path: Path, directory: Path, name: str) -> str:
         """Move ``path`` to ``directory/name``; on a clash, a new arrival and the same count."""
-        parsed = _DELIVERY_RE.match(name)
+        parsed = _delivery(name)
         while True:
             with suppress(FileExistsError):
                 _move_noreplace(path, directory / name)
                 return name
             arrival = _arrivals.next()
-            name = f"{arrival}-{parsed[2]}-{parsed[3]}.json" if parsed else f"{arrival}-{name}"
+            name = parsed.renamed(arrival, int(parsed[2])) if parsed else f"{arrival}-{name}"
 
     def _sweep(self, inbox: Path, locks: Path) -> None:
         """busd's lease sweep for one agent, except that exhausted claims stay for busd."""
         now_ns = time.time_ns()
+        tapps = self.settings.compat == "tapps"
         for name in sorted(os.listdir(locks)):
-            parsed = _DELIVERY_RE.match(name)
+            parsed = _delivery(name)
             with suppress(FileNotFoundError):  # acked or moved by someone else meanwhile
-                if os.lstat(locks / name).st_mtime_ns > now_ns:
+                st = os.lstat(locks / name)
+                if st.st_mtime_ns > now_ns:
+                    continue
+                if tapps and name[:1] != "." and st.st_mtime_ns <= st.st_ctime_ns:
+                    # Tapps claims by a bare rename: a lease from now, as busd's sweep gives.
+                    _set_lease(locks / name, time.time() + self.settings.lease_seconds)
                     continue
                 if name.startswith(".claim-"):  # busd's hidden claim of a foreign name
                     self._return(locks / name, inbox, name[24:] or f"{name[-16:]}.json")
@@ -1006,7 +1110,7 @@ class _Files:
         paths = [
             locks / name
             for name in sorted(os.listdir(locks))
-            if (p := _DELIVERY_RE.match(name)) is not None and p[3] == message_id
+            if (p := _delivery(name)) is not None and p[3] == message_id
         ]
         if required and not paths:
             raise NotFound(f"{agent} holds no claim on {message_id}", data={"id": message_id})
@@ -1015,7 +1119,8 @@ class _Files:
     def _by_receipts(self, agent: str, receipts: Iterable[str]) -> tuple[list[Path], list[str]]:
         """(the claim files the receipts name, the receipts not held); StaleReceipt first.
 
-        A receipt is current while ``locks/<agent>/<receipt>.json`` exists. It is stale
+        A receipt is current while ``locks/<agent>/<receipt>.json`` (or ``.busd``) exists.
+        It is stale
         when that file is gone but the message is claimed under another name or is
         back in the inbox: the call then changes nothing.
         """
@@ -1025,14 +1130,14 @@ class _Files:
         not_held: list[str] = []
         names: set[str] | None = None
         for receipt in dict.fromkeys(receipts):
-            parsed = _DELIVERY_RE.match(f"{receipt}.json")
+            parsed = _delivery(f"{receipt}.json")
             if parsed is None:
                 not_held.append(receipt)  # not a receipt: it names no delivery
                 continue
             if names is None:
                 names = set(os.listdir(locks))
-            if f"{receipt}.json" in names:
-                held.append(locks / f"{receipt}.json")
+            if here := [f"{receipt}{x}" for x in (".json", ".busd") if f"{receipt}{x}" in names]:
+                held.append(locks / here[0])
             elif self._held(agent, parsed[3], required=False) or self._queued(agent, parsed[3]):
                 stale.append(receipt)
             else:
@@ -1050,7 +1155,7 @@ class _Files:
         """Whether a delivery of ``message_id`` waits in ``inbox/<agent>/``."""
         with suppress(FileNotFoundError):
             return any(
-                (p := _DELIVERY_RE.match(name)) is not None and p[3] == message_id
+                (p := _delivery(name)) is not None and p[3] == message_id
                 for name in os.listdir(self.root / "inbox" / agent)
             )
         return False
@@ -1062,7 +1167,8 @@ class _Files:
                 raise TypeError("name a message_id or a receipt")
             return self._held(agent, message_id)
         held, _ = self._by_receipts(agent, [receipt])
-        if not held or (message_id is not None and not receipt.endswith(f"-{message_id}")):
+        named = _delivery(f"{receipt}.json")
+        if not held or (message_id is not None and (named is None or named[3] != message_id)):
             raise NotFound(f"{agent} holds no delivery {receipt}", data={"receipt": receipt})
         return held
 
@@ -1077,7 +1183,7 @@ class _Files:
         found_by_receipt, not_held = self._by_receipts(agent, receipts)
         targets: dict[str, list[Path]] = {}
         for path in found_by_receipt:
-            parsed = _DELIVERY_RE.match(path.name)
+            parsed = _delivery(path.name)
             assert parsed is not None
             targets.setdefault(parsed[3], []).append(path)
         for mid in dict.fromkeys(message_ids):
@@ -1090,13 +1196,14 @@ class _Files:
         for mid, paths in targets.items():
             msg: dict[str, Any] = {}
             with suppress(OSError):
-                msg = _message_in(paths[0].read_bytes()) or {}
+                msg = _from_tapps(_message_in(paths[0].read_bytes()) or {})
             key = msg.get("idempotency_key")
             key = key if isinstance(key, str) else None
             records.append({"message_id": mid, "idempotency_key": key, "acked_at": ""})
         if records:
             now = _rfc3339(time.time())
-            self.ledger(agent).append([{**r, "acked_at": now} for r in records])
+            tapps = self.settings.compat == "tapps"
+            self.ledger(agent).append([{**r, "acked_at": now} for r in records], bare_ids=tapps)
         for paths in targets.values():
             for path in paths:
                 with suppress(FileNotFoundError):
@@ -1127,6 +1234,160 @@ class _Files:
                 raise NotFound(f"claim {path.name} was lost (lease expired?)") from None
         return datetime.fromtimestamp(expiry, UTC)
 
+    def reject(
+        self, agent: str, message_id: str | None, reason: str, receipt: str | None = None
+    ) -> str:
+        """Dead-letter the claim (reason ``rejected``, ``detail`` = ``reason``), as busd's
+        consumer does (protocol.md 6.2, 7): the data moves in first, then the record is
+        written durably. Returns the first entry's name."""
+        names = [
+            self._dead_letter(agent, p, "rejected", reason)
+            for p in self._one(agent, message_id, receipt)
+        ]
+        return names[0]
+
+    def _dead_letter(self, agent: str, path: Path, reason: str, detail: str) -> str:
+        # compat = "tapps": busd's entries live in dlq/busd/, out of Tapps' replay_dlq glob.
+        dlq = self._dir("dlq", "busd") if self.settings.compat == "tapps" else self._dir("dlq")
+        data = b""
+        with suppress(OSError):
+            data = path.read_bytes()
+        parsed = _delivery(path.name)
+        while True:
+            name = f"{_arrivals.next()}-{path.name}"[:129]
+            try:
+                _move_noreplace(path, dlq / name)
+                break
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                raise NotFound(f"claim {path.name} was lost (lease expired?)") from None
+        if self.settings.fsync:
+            _fsync_dir(dlq)
+            _fsync_dir(path.parent)
+        msg = _from_tapps(_message_in(data) or {})
+        now = _rfc3339(time.time())
+        record = {
+            "reason": reason,
+            "detail": detail,
+            "original_path": f"locks/{agent}/{path.name}",
+            "sender": msg.get("agent_id") if isinstance(msg.get("agent_id"), str) else None,
+            "recipient": agent,
+            "message_id": parsed[3] if parsed else msg.get("message_id"),
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "first_failure_at": now,
+            "last_failure_at": now,
+            "delivery_count": int(parsed[2]) if parsed else 0,
+            "replays": 0,
+            "history": [{"at": now, "event": "failed", "detail": f"{reason}: {detail}"}],
+            "schema": 1,
+        }
+        self._write_durable(dlq / f"{name}.reason.json", _encode(record) + b"\n")
+        return name
+
+    def _write_new(self, tmp: Path, data: bytes) -> None:
+        """Create ``tmp`` (0600, never an existing file) holding ``data``; fsync it."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.settings.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_durable(self, target: Path, data: bytes) -> None:
+        tmp = self._dir("tmp") / f"{os.getpid()}-{threading.get_ident()}-{next(self._counter)}.tmp"
+        try:
+            self._write_new(tmp, data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(f"cannot write {target}: {exc}") from exc
+        if self.settings.fsync:
+            _fsync_dir(target.parent)
+
+    def peek(self, agent: str, limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` deliveries waiting in ``inbox/<agent>/``, unclaimed: a summary
+        each (``message_id``, ``from``, ``type``, ``created_at``, ``delivery_count``,
+        ``workflow_id``, ``task_id``), in arrival order."""
+        out: list[dict[str, Any]] = []
+        with suppress(FileNotFoundError):
+            names = sorted(os.listdir(self.root / "inbox" / _agent(agent)))
+            for name in names:
+                parsed = _delivery(name)
+                if parsed is None:
+                    continue
+                if len(out) >= limit:
+                    break
+                try:
+                    with open(self.root / "inbox" / agent / name, "rb") as f:
+                        msg = _message_in(f.read(self.settings.max_message_bytes + 1)) or {}
+                    msg = _from_tapps(msg) if parsed.kind is not None else msg
+                except OSError:
+                    continue  # claimed meanwhile
+                out.append(_summary(msg, parsed[3], int(parsed[2])))
+        return out
+
+    def thread(
+        self, workflow_id: str, task_id: str | None = None, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The accepted messages of ``workflow_id`` (and ``task_id``) in the journal, oldest
+        first: the last ``limit`` of them, and whether older ones were left out."""
+        found: list[dict[str, Any]] = []
+        more = False
+        for msg in self._accepted(workflow_id):
+            if msg.get("workflow_id") != workflow_id:
+                continue
+            if task_id is not None and msg.get("task_id") != task_id:
+                continue
+            found.append(msg)
+            if len(found) > limit:
+                del found[0]
+                more = True
+        return found, more
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        """The message ``message_id`` as the journal accepted it (the first time), or None."""
+        for msg in self._accepted(message_id):
+            if msg.get("message_id") == message_id:
+                return msg
+        return None
+
+    def _accepted(self, needle: str) -> Iterator[dict[str, Any]]:
+        """The messages of the journal's ``accepted`` lines holding ``needle``, in order.
+
+        Read as protocol.md 8 says: no lock, segments by number, the torn tail and
+        lines that do not parse skipped, a segment deleted meanwhile skipped.
+        """
+        journal = self.root / "journal"
+        try:
+            segments = sorted(n for n in os.listdir(journal) if _SEGMENT_RE.match(n))
+        except FileNotFoundError:
+            return
+        key = json.dumps(needle, ensure_ascii=False)[1:-1].encode("utf-8")
+        for segment in segments:
+            try:
+                with open(journal / segment, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            for line in data[: data.rfind(b"\n") + 1].splitlines():
+                if key not in line:
+                    continue  # cheap filter before parsing
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(entry, dict) or entry.get("event") != "accepted":
+                    continue
+                msg = entry.get("message")
+                if isinstance(msg, dict):
+                    yield msg
+
     def status(self) -> dict[str, Any]:
         """A summary from directory listings (the shape of busd's, fewer fields)."""
 
@@ -1136,6 +1397,7 @@ class _Files:
             return []
 
         agents = sorted({a for d in ("inbox", "outbox", "locks") for a in names(d)})
+        own_dlq = ("dlq", "busd") if self.settings.compat == "tapps" else ("dlq",)
         per = {
             a: {
                 "ready": len(names("inbox", a)),
@@ -1149,7 +1411,7 @@ class _Files:
             "daemon": {"running": False},
             "agents": per,
             "outbox_backlog": sum(a["outbox"] for a in per.values()),
-            "dlq": {"entries": sum(n.endswith(".reason.json") for n in names("dlq"))},
+            "dlq": {"entries": sum(n.endswith(".reason.json") for n in names(*own_dlq))},
         }
 
 
@@ -1266,6 +1528,33 @@ class _Base:
             params,
             _expiry_of,
             lambda: files.extend(agent_id, message_id, lease_s, receipt),
+        )
+
+    def _settle(
+        self, agent_id: str, message_ids: Iterable[str], receipts: Iterable[str]
+    ) -> _Op[tuple[int, list[str]]]:
+        ids, named = list(message_ids), list(receipts)
+        params: dict[str, Any] = {"agent_id": agent_id, "message_ids": ids}
+        if named:
+            params["receipts"] = named
+
+        def live(r: Any) -> tuple[int, list[str]]:
+            return int(r["acked"]), [str(x) for x in r.get("not_held", [])]
+
+        return _Op("ack", params, live, lambda: self._files.ack(agent_id, ids, named))
+
+    def _reject(
+        self, agent_id: str, message_id: str | None, receipt: str | None, reason: str
+    ) -> _Op[str]:
+        if not reason:
+            raise InvalidRequest("reason must not be empty", reason="invalid_params")
+        params = {"agent_id": agent_id, **self._named(message_id, receipt), "reason": reason}
+        files = self._files
+        return _Op(
+            "reject",
+            params,
+            lambda r: str(r["name"]),
+            lambda: files.reject(agent_id, message_id, reason, receipt),
         )
 
     def _status(self) -> _Op[dict[str, Any]]:
@@ -1526,6 +1815,43 @@ class Client(_Base):
         """Make the claim's lease (by id or receipt) end ``lease_s`` (> 0) from now; return
         the new expiry."""
         return self._run(self._extend(agent_id, message_id, receipt, lease_s))[0]
+
+    def settle(
+        self, agent_id: str, message_ids: Iterable[str] = (), *, receipts: Iterable[str] = ()
+    ) -> tuple[int, list[str]]:
+        """:meth:`ack`, also returning the ids and receipts this agent did not hold."""
+        return self._run(self._settle(agent_id, message_ids, receipts))[0]
+
+    def reject(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        *,
+        receipt: str | None = None,
+        reason: str,
+    ) -> str:
+        """Dead-letter a claim (by id or receipt) with reason ``rejected`` and ``reason`` as
+        its detail; return the DLQ entry name. NotFound if not held, :class:`StaleReceipt`
+        if the receipt is no longer current."""
+        return self._run(self._reject(agent_id, message_id, receipt, reason))[0]
+
+    def peek(self, agent_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        """Summaries (no bodies) of the deliveries waiting as files in ``inbox/<agent_id>/``,
+        oldest first, without claiming. The daemon's memory queue is not listed: its
+        count is in :meth:`status`."""
+        return self._files.peek(agent_id, limit)
+
+    def thread(
+        self, workflow_id: str, task_id: str | None = None, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """The journaled messages of one workflow (and task), oldest first: the last
+        ``limit``, and whether older ones were left out. Read from the files."""
+        return self._files.thread(workflow_id, task_id, limit)
+
+    def message(self, message_id: str) -> dict[str, Any] | None:
+        """The message ``message_id`` as the journal accepted it, or None (read from the
+        files: a message still in an outbox is not there yet)."""
+        return self._files.message(message_id)
 
     def status(self) -> dict[str, Any]:
         """The daemon's status or, without one, a summary of the files."""
@@ -1834,6 +2160,37 @@ class AsyncClient(_Base):
     ) -> datetime:
         """See :meth:`Client.extend`."""
         return (await self._run(self._extend(agent_id, message_id, receipt, lease_s)))[0]
+
+    async def settle(
+        self, agent_id: str, message_ids: Iterable[str] = (), *, receipts: Iterable[str] = ()
+    ) -> tuple[int, list[str]]:
+        """See :meth:`Client.settle`."""
+        return (await self._run(self._settle(agent_id, message_ids, receipts)))[0]
+
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        """See :meth:`Client.message`."""
+        return await asyncio.to_thread(self._files.message, message_id)
+
+    async def reject(
+        self,
+        agent_id: str,
+        message_id: str | None = None,
+        *,
+        receipt: str | None = None,
+        reason: str,
+    ) -> str:
+        """See :meth:`Client.reject`."""
+        return (await self._run(self._reject(agent_id, message_id, receipt, reason)))[0]
+
+    async def peek(self, agent_id: str, limit: int = 10) -> list[dict[str, Any]]:
+        """See :meth:`Client.peek`."""
+        return await asyncio.to_thread(self._files.peek, agent_id, limit)
+
+    async def thread(
+        self, workflow_id: str, task_id: str | None = None, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """See :meth:`Client.thread`."""
+        return await asyncio.to_thread(self._files.thread, workflow_id, task_id, limit)
 
     async def status(self) -> dict[str, Any]:
         """See :meth:`Client.status`."""
