@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from busd.core.codec import decode
@@ -15,7 +19,8 @@ from busd.runtime.arrivals import Arrivals
 from busd.runtime.committer import Committer
 from busd.runtime.deliverer import Deliverer
 from busd.runtime.metrics import Metrics
-from busd.store.journal import JournalEntry
+from busd.store.journal import Journal, JournalEntry, Position
+from busd.store.layout import Layout, init_bus
 from conftest import Bus
 from daemon_harness import files, message
 
@@ -159,3 +164,76 @@ def test_acks_share_a_commit_and_return_only_once_journaled(bus: Bus) -> None:
         anyio.run(main)
         assert sum(appends) == 21 and len(appends) <= 3, appends
         assert [e.message_id for e in router.journal.read(events=("delivered",))] == ["d"]
+
+
+class _GatedJournal(Journal):
+    """A real Journal whose append waits for a gate: a commit held inside its thread."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def append_lines(self, lines: Sequence[bytes]) -> Position:
+        """Signal, wait at the gate, then append for real."""
+        self.entered.set()
+        self.gate.wait(10)
+        return super().append_lines(lines)
+
+
+def test_a_stop_during_a_commit_still_hands_the_batch_to_the_delivery_lane(bus: Bus) -> None:
+    """Cancelled while its commit runs in the worker thread (a graceful stop), the lane
+    still queues the batch for its inbox files: its publisher is answered, so the stop's
+    final checkpoint must deliver it (the worker thread is never abandoned, and the batch
+    is queued before the lane's next checkpoint)."""
+    journal = _GatedJournal(bus.layout.journal)
+    with Router(bus.config, journal=journal) as router:
+        committer, deliverer, _ = _parts(router)
+        item = _incoming(1)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(committer.run)
+                tg.start_soon(committer.publish, [item])
+                await anyio.to_thread.run_sync(journal.entered.wait, 10)
+                tg.cancel_scope.cancel()  # the daemon's shutdown: cancel the task group
+                journal.gate.set()
+            deliverer.final_checkpoint()
+
+        anyio.run(main)
+    assert item.outcome == "accepted"
+    assert [p.name.endswith("m-000001.json") for p in files(bus.layout.inbox_dir("bob"))] == [True]
+
+
+def test_a_stop_at_any_step_of_a_delivery_pass_leaves_its_batch_delivered(bus: Bus) -> None:
+    """Whatever event-loop step of the delivery lane a stop (cancel) lands on, the batch it
+    took is delivered before the stop ends (in the pass, or by the final checkpoint).
+
+    Before, a cancel that landed during the lane lock's shielded yield was raised at the
+    worker thread's entry checkpoint, after the pass had taken the batches off the queue:
+    an answered publish was journaled but got no inbox file at a graceful stop (seen under
+    load as tests/rpc/test_server.py::test_sigterm_while_publishing_... failing now and then).
+    """
+    for steps in range(8):
+        root = bus.root.parent / f"bus-{steps}"
+        init_bus(root)
+        with Router(msgspec.structs.replace(bus.config, root=str(root))) as router:
+            item = _incoming(steps)
+            anyio.run(_stop_after, router, item, steps)
+        assert item.outcome == "accepted"
+        assert len(files(Layout(root).inbox_dir("bob"))) == 1, f"lost at step {steps}"
+
+
+async def _stop_after(router: Router, item: Incoming, steps: int) -> None:
+    """Commit ``item``, start the delivery lane, stop ``steps`` loop steps later, then
+    end as the daemon's shutdown does (final checkpoint)."""
+    committer, deliverer, _ = _parts(router)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(committer.run)
+        with anyio.fail_after(10):
+            await committer.publish([item])  # committed and queued for delivery
+        tg.start_soon(deliverer.run)
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    deliverer.final_checkpoint()

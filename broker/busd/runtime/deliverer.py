@@ -158,9 +158,14 @@ class Deliverer:
                 self._delivering = True
                 try:
                     served = self.served if self.keep is not None else None
-                    report = await anyio.to_thread.run_sync(
-                        _finish, self._router, batches, served, self.held
-                    )
+                    # Shielded: the batches are off the queue now. A stop landing here
+                    # (the lane's acquire yields shielded, the thread's entry is a
+                    # checkpoint) must not drop them: their publishers were answered.
+                    with anyio.CancelScope(shield=True):
+                        finished = await anyio.to_thread.run_sync(
+                            _finish, self._router, batches, served, self.held
+                        )
+                    report = finished
                 except (BusdError, OSError) as exc:
                     # Nothing is lost: these batches are journaled after the
                     # checkpoint, and `delivered` has not moved past them.
@@ -169,8 +174,8 @@ class Deliverer:
                     self._on_failure()
                     await self._advance(self._finished)  # a commit waiting for room goes on
                 else:
-                    if report.kept and self.keep is not None:
-                        self.keep(report.kept)
+                    if finished.kept and self.keep is not None:
+                        self.keep(finished.kept)
                     await self._advance(pending[-1][0])
                 finally:
                     self._delivering = False
