@@ -116,6 +116,7 @@ def test_import_with_the_daemon_stopped_twice_imports_each_message_once(root: Pa
     assert len(accepted) == len(set(accepted)) == MESSAGES
     assert len(dead) >= DROPPED  # journaled by the import itself
     entries = dlq.list_entries(Layout(root))
+    assert len(entries) == DROPPED  # the second import wrote no second entry (dlq.find)
     raws = {e.data() for e in entries}
     assert b"---\nafter the rule\n\n" in raws  # the original bytes
     assert any("at byte" in e.record.detail and str(BUS) in e.record.detail for e in entries)

@@ -33,6 +33,7 @@ one ``fsync``.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from busd.routing.intake import Origin, Refused
 from busd.routing.recovery import recover_deliveries, write_checkpoint
 from busd.routing.refusals import dead_letter
 from busd.routing.router import Incoming, Router
+from busd.store import dlq
 from busd.store.buslock import BusLock
 from busd.store.journal import Journal, JournalEntry
 
@@ -153,10 +155,14 @@ def plan(config: Config, path: Path, *, to: str) -> list[Planned]:
 
 
 def _refuse(config: Config, item: Planned, entries: list[JournalEntry] | None) -> str:
+    """Dead-letter a refused record, once: one already in the DLQ from this file with the
+    same bytes (an import run again) is counted, not written again."""
     assert item.refusal is not None
-    origin = Origin("file", None, item.source, conductor.AGENT_ID)
-    refused = Refused(origin=origin, error=item.refusal, data=item.record.raw)
-    dead_letter(config.layout, refused, entries=entries)
+    sha = hashlib.sha256(item.record.raw).hexdigest()
+    if dlq.find(config.layout, item.source, sha) is None:
+        origin = Origin("file", None, item.source, conductor.AGENT_ID)
+        refused = Refused(origin=origin, error=item.refusal, data=item.record.raw)
+        dead_letter(config.layout, refused, entries=entries)
     return item.refusal.reason.value
 
 
