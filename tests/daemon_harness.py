@@ -159,6 +159,21 @@ class LogProcess:
             with contextlib.suppress(queue.Empty):
                 self.lines.get(timeout=0.2)
 
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout)
+        self._reader.join(timeout=2)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(timeout=2)
+
 
 class Daemon(LogProcess):
     """``busd run`` on ``root`` with JSON logs read from stderr in a thread.
@@ -187,18 +202,3 @@ class Daemon(LogProcess):
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the daemon."""
         self.proc.send_signal(signum)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self._reader.join(timeout=2)
-        return rc
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(timeout=2)

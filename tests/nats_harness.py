@@ -9,7 +9,6 @@ and removes it in :meth:`NatsServer.close`.
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -123,18 +122,3 @@ class BridgeProc(LogProcess):
         """Wait for ``bridge_ready``."""
         self.wait_event("bridge_ready", timeout)
         return self
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout)
-        self._reader.join(timeout=2)
-        return rc
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._reader.join(timeout=2)
