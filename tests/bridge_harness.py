@@ -20,6 +20,7 @@ __all__ = [
     "fact",
     "figure",
     "make_root",
+    "nats_publish",
     "publish_all",
     "two_buses",
 ]
@@ -152,6 +153,17 @@ def publish_all(
             break
         if pause:
             time.sleep(pause)
+
+
+async def nats_publish(url: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    """Publish one message to JetStream as a (remote) bridge would, and await its PubAck."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, data, headers=headers or None)
+    finally:
+        await nc.close()
 
 
 def accepted_once(root: Path, prefix: str) -> dict[str, int]:

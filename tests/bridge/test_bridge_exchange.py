@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from bridge_harness import Pair, Side, two_buses
+from bridge_harness import Pair, Side, accepted_once, fact, nats_publish, two_buses
 from busd.config import load_config
 from busd.rpc.client import call
 from daemon_harness import BUSD, wait_for
@@ -140,3 +141,31 @@ def test_ordered_bridges_deliver_in_publish_order_across_a_bridge_crash(pair: Pa
     producer.join()
     wait_for(lambda: len(b.inbox("bob")) >= n, timeout=40, what="all in bob's inbox")
     assert b.inbox("bob") == [f"o-{i:06d}" for i in range(n)]  # listing order = arrival order
+
+
+def test_a_copy_already_in_jetstream_or_in_busd_is_stored_once_and_counted(pair: Pair) -> None:
+    """The two states a bridge SIGKILLed between its steps leaves, made on purpose."""
+    from busd.bridge.names import HDR_MSG_ID, HDR_ORIGIN, Destination, msg_id
+
+    a, b = pair.a, pair.b
+    b.start_bridge()
+    # Outbound: busa's bridge died after JetStream's PubAck and before its ack in busd.
+    first = fact(1, "alice", "bob@busb", "dup")
+    dest = Destination("busd.busb.agent.bob", "bus:busb")
+    headers = {HDR_MSG_ID: msg_id("busa", dest, first["message_id"]), HDR_ORIGIN: "busa"}
+    anyio.run(nats_publish, pair.nats.url, dest.subject, json.dumps(first).encode(), headers)
+    wait_for(lambda: b.inbox("bob") == ["dup-000001"], timeout=15, what="the first copy")
+    publish(a, first)
+    a.start_bridge()
+    wait_for(lambda: a.status().get("publish_duplicates") == 1, timeout=15, what="a duplicate")
+    # Inbound: busb's bridge died after busd accepted and before its ack to NATS.
+    second = fact(2, "alice", "bob@busb", "dup")
+    publish(b, second)
+    anyio.run(nats_publish, pair.nats.url, dest.subject, json.dumps(second).encode(), {})
+    wait_for(lambda: b.status().get("busd_duplicates") == 1, timeout=15, what="a redelivery")
+    assert b.inbox("bob") == ["dup-000001", "dup-000002"]
+    assert accepted_once(b.root, "dup") == {"dup-000001": 1, "dup-000002": 1}
+    sa, sb = a.status(), b.status()
+    assert (sa["published"], sa["publish_duplicates"]) == (1, 1)
+    assert (sb["delivered"], sb["busd_duplicates"]) == (1, 1)
+    assert a.dlq() == [] and b.dlq() == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bridge_harness import Pair, accepted_once, fact, publish_all, two_buses
+from bridge_harness import Pair, accepted_once, fact, nats_publish, publish_all, two_buses
 from daemon_harness import BUSD, clean_env, drop, wait_for
 
 
@@ -21,16 +21,6 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
     """Two buses and a nats-server (bridge_harness.two_buses)."""
     with two_buses(tmp_path) as p:
         yield p
-
-
-async def _nats_publish(url: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().publish(subject, data, headers=headers or None)
-    finally:
-        await nc.close()
 
 
 async def _consumer_state(url: str, durable: str) -> tuple[int, int, int]:
@@ -177,8 +167,8 @@ def test_invalid_inbound_message_is_dead_lettered_and_terminated(pair: Pair) -> 
     not_json = b"{this is not json"
     bad_schema = json.dumps(fact(1, "alice", "bob@busb", "bad") | {"message_type": "gossip"})
     url = pair.nats.url
-    anyio.run(_nats_publish, url, "busd.busb.agent.bob", not_json, {})
-    anyio.run(_nats_publish, url, "busd.busb.agent.bob", bad_schema.encode(), {})
+    anyio.run(nats_publish, url, "busd.busb.agent.bob", not_json, {})
+    anyio.run(nats_publish, url, "busd.busb.agent.bob", bad_schema.encode(), {})
     wait_for(lambda: len(b.dlq()) >= 2, timeout=15, what="two DLQ entries")
     entries = {e["reason"]: e for e in b.dlq()}
     assert entries["invalid_json"]["data"] == not_json
@@ -201,7 +191,7 @@ def test_delivery_limit_exhaustion_becomes_a_dlq_entry_that_replays(pair: Pair) 
         # A bridge that crashes on this message twice: NATS counts both deliveries.
         import nats
 
-        await _nats_publish(url, "busd.busb.agent.bob", json.dumps(msg).encode(), {})
+        await nats_publish(url, "busd.busb.agent.bob", json.dumps(msg).encode(), {})
         nc = await nats.connect(url)
         try:
             sub = await nc.jetstream().pull_subscribe_bind("busd-busb", stream="BUSD")
