@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import msgspec
 
 from busd import __version__
 from busd.config import Config, socket_path
-from busd.store.fsio import list_names
+from busd.ops.listings import Listings, arrival_of, listed, mailbox, summarized
 
 __all__ = [
     "BRIDGE_STALE_S",
@@ -255,12 +256,17 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def report(
-    config: Config, daemon: DaemonInfo | None, *, daemon_error: str | None = None
+    config: Config,
+    daemon: DaemonInfo | None,
+    *,
+    daemon_error: str | None = None,
+    listings: Listings | None = None,
 ) -> StatusReport:
     """The status of ``config``'s bus; ``daemon`` is None when none runs.
 
     ``daemon_error`` says a daemon listens but did not answer (``code: message``):
     the report is then read from the files and marks the daemon running with it.
+    ``listings`` (a daemon's) reuses the mailbox and DLQ listings that did not change.
     """
     layout = config.layout
     now = time.time()
@@ -269,28 +275,28 @@ def report(
     queues = daemon.queues if daemon else {}
     # An agent may have a memory queue before it has any directory.
     for agent in dict.fromkeys([*layout.agents(), *sorted(queues)]):
-        ready = _names(layout.inbox_dir(agent))
-        claimed = _names(layout.locks_dir(agent))
-        outbox = _names(layout.outbox_dir(agent))
+        ready = summarized(listings, layout.inbox_dir(agent), mailbox)
+        claimed = summarized(listings, layout.locks_dir(agent), mailbox)
+        outbox = listed(layout.outbox_dir(agent))
         waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
         if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
             oldest_outbox = waiting
         queue = queues.get(agent)
-        # Filtered once per list: on a big inbox this scan is most of the report's time.
-        ready_d, claimed_d = _delivered(ready), _delivered(claimed)
+        oldest = min(filter(None, (ready.oldest, claimed.oldest)), default=None)
+        newest = max(filter(None, (ready.newest, claimed.newest)), default=None)
         agents[agent] = AgentStatus(
-            ready=len(ready) + (queue.ready if queue else 0),
-            in_flight=len(claimed) + (queue.in_flight if queue else 0),
+            ready=ready.total + (queue.ready if queue else 0),
+            in_flight=claimed.total + (queue.in_flight if queue else 0),
             max_in_flight=config.max_in_flight,
-            redelivered=sum(1 for n in ready_d if n[21:24] != "000"),
-            oldest_ready_age_s=_oldest_age(ready_d, now),
+            redelivered=ready.redelivered,
+            oldest_ready_age_s=_since_arrival(ready.oldest, now),
             outbox=len(outbox),
             outbox_oldest_age_s=_age(waiting, now),
-            last_delivery_at=iso_time(_newest_arrival(ready_d, claimed_d)),
+            last_delivery_at=iso_time(arrival_of(newest) if newest else None),
             last_ack_at=iso_time(_mtime(layout.ledger(agent))),
             served=queue.served if queue else SERVED_FILES,
             connections=queue.connections if queue else 0,
-            oldest_unsettled=_oldest_id(ready_d, claimed_d)
+            oldest_unsettled=(oldest[25:].removesuffix(".json") if oldest else None)
             or (queue.oldest_unsettled if queue else None),
         )
     running = daemon is not None or daemon_error is not None
@@ -303,7 +309,7 @@ def report(
         watcher=daemon.watcher if daemon else None,
         error=daemon_error,
     )
-    segments = [n for n in _names(layout.journal) if n.endswith(".ndjson")]
+    segments = [n for n in listed(layout.journal) if n.endswith(".ndjson")]
     journal = JournalStatus(
         segments=len(segments),
         bytes=sum(_size(layout.journal / n) for n in segments),
@@ -312,7 +318,7 @@ def report(
     outboxes = OutboxStatus(
         backlog=sum(a.outbox for a in agents.values()), oldest_age_s=_age(oldest_outbox, now)
     )
-    dlq = _dlq(layout.dlq, now)
+    dlq = _dlq_status(summarized(listings, layout.dlq, _dlq_summary(layout.dlq)), now)
     attention = _attention(state, dlq, outboxes, agents)
     return StatusReport(
         root=str(layout.root),
@@ -382,15 +388,25 @@ def _attention(
     return problems
 
 
-def _dlq(directory: Path, now: float) -> DlqStatus:
-    reasons: Counter[str] = Counter()
-    oldest: float | None = None
-    for name in _names(directory):
-        if name.endswith(".reason.json"):
-            reasons[_reason_of(directory / name)] += 1
-            mtime = _mtime(directory / name)
-            if mtime is not None and (oldest is None or mtime < oldest):
-                oldest = mtime
+def _dlq_summary(directory: Path) -> Callable[[list[str]], tuple[Counter[str], float | None]]:
+    """The DLQ's entries by reason and its oldest record's mtime, from its names."""
+
+    def summarize(names: list[str]) -> tuple[Counter[str], float | None]:
+        reasons: Counter[str] = Counter()
+        oldest: float | None = None
+        for name in names:
+            if name.endswith(".reason.json"):
+                reasons[_reason_of(directory / name)] += 1
+                mtime = _mtime(directory / name)
+                if mtime is not None and (oldest is None or mtime < oldest):
+                    oldest = mtime
+        return reasons, oldest
+
+    return summarize
+
+
+def _dlq_status(summary: tuple[Counter[str], float | None], now: float) -> DlqStatus:
+    reasons, oldest = summary
     return DlqStatus(
         entries=sum(reasons.values()),
         by_reason=dict(sorted(reasons.items())),
@@ -402,36 +418,9 @@ def _age(epoch: float | None, now: float) -> float | None:
     return None if epoch is None else round(now - epoch, 3)
 
 
-def _names(path: Path) -> list[str]:
-    # Unsorted on purpose: an inbox may hold 100,000 names, and the fixed-width
-    # delivery prefix lets min/max find the oldest and newest without a sort.
-    return list_names(path, sort=False)
-
-
-def _delivered(names: list[str]) -> list[str]:
-    """The names that carry a delivery prefix (cheap slice checks, no regex)."""
-    return [n for n in names if len(n) > 25 and n[20] == "-" and n[24] == "-" and n[:20].isdigit()]
-
-
-def _oldest_age(delivered: list[str], now: float) -> float | None:
-    """The age of the oldest of ``delivered`` (names :func:`_delivered` kept)."""
-    if not delivered:
-        return None
-    return max(0.0, round(now - int(min(delivered)[:20]) / 1e9, 3))
-
-
-def _oldest_id(*delivered: list[str]) -> str | None:
-    """The message id in the delivery name with the smallest arrival key, if any."""
-    oldest = min((min(names) for names in delivered if names), default=None)
-    if oldest is None:
-        return None
-    return oldest[25:].removesuffix(".json")
-
-
-def _newest_arrival(*delivered: list[str]) -> float | None:
-    # The arrival key of a delivery name is when the router delivered it.
-    newest = max((max(names) for names in delivered if names), default=None)
-    return int(newest[:20]) / 1e9 if newest else None
+def _since_arrival(name: str | None, now: float) -> float | None:
+    """How long ago the delivery ``name`` arrived (never negative: clocks step)."""
+    return None if name is None else max(0.0, round(now - arrival_of(name), 3))
 
 
 def _oldest_mtime(directory: Path, names: list[str]) -> float | None:

@@ -57,6 +57,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from busd.config import Config, ConfigLoader
 from busd.errors import AlreadyRunning, BusdError, ConfigError, StorageError
+from busd.ops.listings import Listings
 from busd.ops.status import DaemonInfo, QueueInfo, Rates, StatusReport, Totals, report
 from busd.routing.consumer import return_expired
 from busd.routing.queues import Queues
@@ -145,6 +146,7 @@ class Daemon(ConsumerMethods):
         self._stop_signals = 0
         self._force_timer: threading.Timer | None = None
         self._recovered = 0
+        self._listings = Listings()
 
     @property
     def router(self) -> Router:
@@ -233,6 +235,7 @@ class Daemon(ConsumerMethods):
         tg.start_soon(self._timer, self._gc_pass, lambda: _GC_PERIOD_S)
         tg.start_soon(self._timer, parts.deliverer.checkpoint, lambda: _CHECKPOINT_PERIOD_S)
         tg.start_soon(self._reload_loop)
+        tg.start_soon(self._warm_listings)
         if (interval := watchdog_interval()) is not None:
             tg.start_soon(self._timer, self._watchdog, lambda: interval)
         return report
@@ -454,6 +457,12 @@ class Daemon(ConsumerMethods):
         queues = self._parts.memory.info()
         return await anyio.to_thread.run_sync(self._status, queues)
 
+    async def _warm_listings(self) -> None:
+        # The first `status` after a start would list every mailbox (100,000 names is
+        # about 0.1 s): list them now, so it lists only what changed since.
+        config = self.config
+        await anyio.to_thread.run_sync(lambda: report(config, None, listings=self._listings))
+
     def _status(self, queues: dict[str, QueueInfo]) -> StatusReport:
         info = DaemonInfo(
             pid=os.getpid(),
@@ -467,7 +476,7 @@ class Daemon(ConsumerMethods):
             rates_per_min=msgspec.convert(self.metrics.per_minute(), Rates),
             queues=queues,
         )
-        return report(self.config, info)
+        return report(self.config, info, listings=self._listings)
 
 
 @contextlib.asynccontextmanager
