@@ -1,5 +1,8 @@
 """The daemon-less consumer: claim, ack, release, extend, fail; the lease sweep.
 
+Moved to :mod:`busd.routing.claims` (re-exported here): the claim files' names, leases and
+moves back to the inbox, and the :class:`Claim` and :class:`ExpiredReport` records.
+
 Synchronous (async callers use worker threads). Contracts:
 
 * Claiming is an atomic no-replace rename from ``inbox/<a>/`` into ``locks/<a>/``:
@@ -31,23 +34,19 @@ Synchronous (async callers use worker threads). Contracts:
 * Both delivery-name forms (:mod:`busd.store.layout`) are claimed, returned and
   settled alike; a claim keeps the form of its inbox name.
 * ``compat = "tapps"``: Tapps claims by a bare rename, so its claim keeps the file's
-  old mtime. A claim is *stamped* when its mtime is later than its ctime (busd sets
-  the lease on the inbox file before the claiming rename, and a rename or a utime sets
-  the ctime to now, so every lease busd sets is ahead of the ctime); an unstamped
-  claim (mtime <= ctime) is stamped by the sweep with a lease of ``lease_seconds``
-  from the moment the sweep first sees it, instead of being returned. The stamp is
-  the file's mtime, so it survives a restart. Acks also append a bare-id line, for
-  Tapps' ledger reader.
+  old mtime. A claim is *stamped* when its mtime is later than its ctime (why every
+  lease busd sets is: :mod:`busd.routing.claims`); an unstamped claim (mtime <= ctime)
+  is stamped by the sweep with a lease of ``lease_seconds`` from the moment the sweep
+  first sees it, instead of being returned. The stamp is the file's mtime, so it
+  survives a restart. Acks also append a bare-id line, for Tapps' ledger reader.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,10 +55,23 @@ from busd.core.codec import encode_json
 from busd.core.model import Message, check_agent_name
 from busd.errors import InvalidMessage, InvalidName, NotFound, Reason, StaleReceipt
 from busd.routing import intake, refusals
+from busd.routing.claims import (
+    CLAIM_PREFIX,
+    Claim,
+    ExpiredReport,
+    count_of,
+    foreign_name,
+    foreign_origin,
+    hidden_claim_name,
+    index_of,
+    names_in,
+    return_to_inbox,
+    set_lease,
+    unstamped,
+)
 from busd.routing.intake import Origin, Parcel, Refused, Rules
-from busd.store.fsio import list_names, rename_noreplace
+from busd.store.fsio import rename_noreplace
 from busd.store.layout import (
-    Layout,
     delivery_name,
     parse_delivery_name,
     receipt_of,
@@ -71,56 +83,6 @@ from busd.store.tapps import from_tapps
 
 __all__ = ["Claim", "Consumer", "ExpiredReport", "return_expired"]
 
-_CLAIM_PREFIX = ".claim-"
-_HEX = 16
-_NAME_MAX = 255
-_UTIME_NOFOLLOW = os.utime in os.supports_follow_symlinks
-
-
-def _set_lease(path: Path, expiry: float) -> datetime:
-    # Never follow: a symlink in an inbox must not let us touch its target.
-    ns = int(expiry * 1e9)
-    os.utime(path, ns=(time.time_ns(), ns), follow_symlinks=not _UTIME_NOFOLLOW)
-    return datetime.fromtimestamp(expiry, UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A claimed message: ``path`` is in ``locks/``; ``delivery_count`` includes this one."""
-
-    message: Message
-    name: str
-    path: Path
-    delivery_count: int
-    lease_expires_at: datetime
-    raw: bytes
-
-    @property
-    def receipt(self) -> str:
-        """The receipt of this delivery: the claim file's name without its suffix."""
-        return receipt_of(self.name)
-
-
-@dataclass(frozen=True, slots=True)
-class ExpiredReport:
-    """What :func:`return_expired` did: inbox names returned, DLQ entry names created."""
-
-    returned: list[str] = field(default_factory=list)
-    dead_lettered: list[str] = field(default_factory=list)
-    stamped: list[str] = field(default_factory=list)
-    """Unstamped (Tapps) claims given a lease instead of being returned (tapps mode)."""
-
-
-def _unstamped(st: os.stat_result) -> bool:
-    """Whether a claim's mtime was never set as a lease: a lease busd sets is always later
-    than the ctime that setting it (and the claiming rename) leaves (module docstring)."""
-    return st.st_mtime_ns <= st.st_ctime_ns
-
-
-def _names(directory: Path) -> list[str]:
-    # Hidden names too: busd's own claims of foreign files are `.claim-*`.
-    return list_names(directory, hidden=True)
-
 
 def _peek(rules: Rules, origin: Origin) -> Message | None:
     """The message in a claimed file, or None if it is gone or invalid (for DLQ metadata)."""
@@ -129,45 +91,6 @@ def _peek(rules: Rules, origin: Origin) -> Message | None:
     except FileNotFoundError:
         return None
     return None if isinstance(result, Refused) else result.message
-
-
-def _foreign_name(hidden: str) -> str:
-    """The foreign name kept in a hidden claim name (made up if it was too long)."""
-    return hidden[len(_CLAIM_PREFIX) + _HEX + 1 :] or f"{hidden[-_HEX:]}.json"
-
-
-def _foreign_origin(agent: str, name: str) -> str | None:
-    return f"inbox/{agent}/{_foreign_name(name)}" if name.startswith(_CLAIM_PREFIX) else None
-
-
-def _index_of(locks: Path, names: Iterable[str]) -> dict[str, list[Path]]:
-    """Claimed delivery files by message id (hidden and foreign names left out)."""
-    found: dict[str, list[Path]] = {}
-    for name in names:
-        parsed = parse_delivery_name(name)
-        if parsed is not None:
-            found.setdefault(parsed.message_id, []).append(locks / name)
-    return found
-
-
-def _count(path: Path) -> int:
-    parsed = parse_delivery_name(path.name)
-    return parsed.deliveries if parsed is not None else 0
-
-
-def _return_to_inbox(layout: Layout, agent: str, path: Path, name: str) -> str:
-    """Move a claim back to ``inbox/<agent>/name``; on a clash keep the count, new arrival."""
-    inbox = layout.inbox_dir(agent)
-    parsed = parse_delivery_name(name)
-    while True:
-        try:
-            rename_noreplace(path, inbox / name)
-            return name
-        except FileExistsError:
-            if parsed is None:
-                name = f"{arrival_clock.next()}-{name}"
-            else:
-                name = parsed.renamed(arrival=arrival_clock.next())
 
 
 class Consumer:
@@ -202,7 +125,7 @@ class Consumer:
         neither counts towards ``max``.
         """
         claims: list[Claim] = []
-        for name in _names(self.inbox):
+        for name in names_in(self.inbox):
             if len(claims) >= max:
                 break
             if not name.startswith("."):
@@ -219,13 +142,10 @@ class Consumer:
             dst = self.locks / parsed.renamed(deliveries=count)
         else:
             count = 1
-            hidden = f"{_CLAIM_PREFIX}{uuid.uuid4().hex[:_HEX]}-{name}"
-            if len(os.fsencode(hidden)) > _NAME_MAX:
-                hidden = hidden[: len(_CLAIM_PREFIX) + _HEX]
-            dst = self.locks / hidden
+            dst = self.locks / hidden_claim_name(name)
         expiry = time.time() + self.config.lease_seconds
         try:
-            lease = _set_lease(src, expiry)
+            lease = set_lease(src, expiry)
             rename_noreplace(src, dst)
         except (FileNotFoundError, FileExistsError):
             return None  # another consumer won the race (or the router renamed it)
@@ -263,7 +183,7 @@ class Consumer:
     def _origin(self, path: Path) -> Origin:
         """A claimed file as an origin (a foreign claim keeps the inbox path it came from)."""
         return Origin.claim(
-            self.layout, self.agent_id, path, _foreign_origin(self.agent_id, path.name)
+            self.layout, self.agent_id, path, foreign_origin(self.agent_id, path.name)
         )
 
     def _dead_letter(
@@ -293,7 +213,7 @@ class Consumer:
     # -- settling -------------------------------------------------------
 
     def _index(self) -> dict[str, list[Path]]:
-        return _index_of(self.locks, _names(self.locks))
+        return index_of(self.locks, names_in(self.locks))
 
     def _find(self, message_id: str) -> list[Path]:
         paths = self._index().get(message_id)
@@ -320,7 +240,7 @@ class Consumer:
                 held[receipt] = path
                 continue
             if in_inbox is None:
-                in_inbox = set(_index_of(self.inbox, _names(self.inbox)))
+                in_inbox = set(index_of(self.inbox, names_in(self.inbox)))
             if claims or parsed.message_id in in_inbox:
                 stale.append(receipt)  # handed out again, or back in the queue
             else:
@@ -412,7 +332,7 @@ class Consumer:
                 self._lease(path, time.time() + delay_s)
             else:
                 with self._held(path.name):
-                    _return_to_inbox(self.layout, self.agent_id, path, path.name)
+                    return_to_inbox(self.layout, self.agent_id, path, path.name)
 
     def extend(
         self, message_id: str | None = None, *, receipt: str | None = None, lease_s: float
@@ -426,7 +346,7 @@ class Consumer:
 
     def _lease(self, path: Path, expiry: float) -> None:
         with self._held(path.name):
-            _set_lease(path, expiry)
+            set_lease(path, expiry)
 
     @contextmanager
     def _held(self, what: str) -> Iterator[None]:
@@ -437,24 +357,24 @@ class Consumer:
 
     def _sweep(self, now_ns: int, report: ExpiredReport) -> None:
         """The body of :func:`return_expired` for this agent."""
-        for name in _names(self.locks):
+        for name in names_in(self.locks):
             path = self.locks / name
             parsed = parse_delivery_name(name)
             try:
                 st = os.lstat(path)
                 if st.st_mtime_ns > now_ns:
                     continue
-                if self._tapps and not name.startswith(".") and _unstamped(st):
+                if self._tapps and not name.startswith(".") and unstamped(st):
                     # A Tapps claim: its lease starts now, it is not taken back.
-                    _set_lease(path, now_ns / 1e9 + self.config.lease_seconds)
+                    set_lease(path, now_ns / 1e9 + self.config.lease_seconds)
                     report.stamped.append(name)
                     continue
-                if name.startswith(_CLAIM_PREFIX):
-                    name = _foreign_name(name)
+                if name.startswith(CLAIM_PREFIX):
+                    name = foreign_name(name)
                 elif name.startswith("."):
                     continue
                 if parsed is None or parsed.deliveries < self.config.max_deliveries:
-                    report.returned.append(_return_to_inbox(self.layout, self.agent_id, path, name))
+                    report.returned.append(return_to_inbox(self.layout, self.agent_id, path, name))
                     continue
                 n = parsed.deliveries
                 why = f"lease expired on delivery {n} (max_deliveries={self.config.max_deliveries})"
@@ -478,7 +398,7 @@ class Consumer:
         names = []
         for path in self._claim_of(message_id, receipt):
             origin = self._origin(path)
-            names.append(self._dead_letter(origin, why, _count(path), _peek(self._rules, origin)))
+            names.append(self._dead_letter(origin, why, count_of(path), _peek(self._rules, origin)))
         return names[0]
 
 
@@ -493,7 +413,7 @@ def return_expired(
     seconds) is for tests. Safe to run concurrently with consumers and other
     sweeps: a file someone else moved first is skipped.
     """
-    agents = [agent] if agent is not None else _names(config.layout.locks)
+    agents = [agent] if agent is not None else names_in(config.layout.locks)
     now_ns = int((time.time() if now is None else now) * 1e9)
     report = ExpiredReport()
     for a in agents:

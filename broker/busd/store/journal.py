@@ -1,18 +1,20 @@
 """The bus history: append-only NDJSON segments in ``<root>/journal/``.
 
+Moved to :mod:`busd.store.segments` (re-exported here): the segment names, the line codec,
+:class:`Position`, and the descriptor cache behind :meth:`Journal.read_at`.
+
 Contract:
 
-- A segment is ``<index:12 digits>.ndjson``; indexes start at 1 and grow by 1. Only the
-  highest-numbered segment is written. A new one starts when the current one would grow past
-  ``segment_bytes``; a batch is never split, so a batch larger than that gets a segment alone.
-- A line is one JSON object ending in ``\\n``. Writers hold the exclusive lock ``journal/.lock``
-  (also across processes); readers never lock. A last line without its ``\\n`` is a write in
-  progress or a torn one (the writer died): readers never return it, and the next writer (or
-  :meth:`Journal.repair`) cuts it off before appending, so a torn prefix is never glued to a
-  later line. A crash during :meth:`Journal.append` may keep a prefix of the batch's whole lines;
-  once ``append`` returns, the whole batch is durable (one ``write``, one ``fsync``).
+- Only the highest-numbered segment is written. A new one starts when the current one would
+  grow past ``segment_bytes``; a batch is never split, so a batch larger than that gets a
+  segment alone.
+- Writers hold the exclusive lock ``journal/.lock`` (also across processes); readers never
+  lock. A last line without its ``\\n`` is a write in progress or a torn one (the writer
+  died): readers never return it, and the next writer (or :meth:`Journal.repair`) cuts it off
+  before appending, so a torn prefix is never glued to a later line. A crash during
+  :meth:`Journal.append` may keep a prefix of the batch's whole lines; once ``append``
+  returns, the whole batch is durable (one ``write``, one ``fsync``).
 - Lines that fail to decode are skipped by readers and counted in :attr:`Journal.skipped`.
-  Unknown fields are ignored, so older readers accept newer lines.
 - An entry is addressed by the :class:`Position` where its line starts and the line's length
   (newline included): :meth:`Journal.append_at` returns both, :meth:`Journal.read_spans` yields
   them, and :meth:`Journal.read_at` reads that one line back (``pread``, served from the page
@@ -23,20 +25,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Container, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeAlias
+from typing import Final, Self
 
-import msgspec
-
-from busd.errors import InvalidMessage, NotFound, Reason
-from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, list_names, storage_error
+from busd.errors import NotFound
+from busd.store.fsio import STORAGE_ERRNOS, file_lock, fsync_dir, storage_error
 from busd.store.layout import JOURNAL_LOCK_NAME
+from busd.store.segments import (
+    O_BINARY,
+    START,
+    JournalEntry,
+    Position,
+    SegmentReaders,
+    Span,
+    complete_end,
+    decode_entry,
+    decode_or_none,
+    encode_entry,
+    seek_read,
+    segment_indexes,
+    segment_path,
+)
 
 __all__ = [
     "START",
@@ -48,107 +61,7 @@ __all__ = [
     "encode_entry",
 ]
 
-if TYPE_CHECKING:
-    _RawOrNone: TypeAlias = msgspec.Raw | None
-else:
-    # msgspec cannot decode Raw inside a union; a bare Raw with a None default behaves the same.
-    _RawOrNone = msgspec.Raw
-
-_SEGMENT_RE: Final = re.compile(r"([0-9]{12})\.ndjson")
 _READ_CHUNK: Final = 1 << 20
-_TAIL_BLOCK: Final = 1 << 16
-_O_BINARY: Final = getattr(os, "O_BINARY", 0)
-_HAS_PREAD: Final = hasattr(os, "pread")
-_READ_FDS: Final = 32  # segment descriptors read_at keeps open (a few segments are live)
-
-
-class Position(msgspec.Struct, frozen=True, order=True):
-    """A point in the history: byte ``offset`` in segment number ``segment``; ordered."""
-
-    segment: int
-    offset: int
-
-
-START: Final = Position(0, 0)
-"""The position before every entry."""
-
-
-class JournalEntry(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
-    """One journal line. ``at`` is UTC; ``message`` is the full message JSON, kept raw.
-
-    ``receipt`` (``acked``, ``delivered``) names one delivery; ``count`` (``delivered``) is
-    the deliveries so far, that one included. Absent fields are left out of the line, so
-    lines without them are byte-identical to those of earlier versions.
-    """
-
-    event: str
-    at: datetime
-    message_id: str | None = None
-    idempotency_key: str | None = None
-    agent: str | None = None
-    to: list[str] | None = None
-    source: str | None = None
-    reason: str | None = None
-    detail: str | None = None
-    receipt: str | None = None
-    count: int | None = None
-    message: _RawOrNone = None
-
-
-Span: TypeAlias = tuple[JournalEntry, Position, int]
-"""An entry, the position where its line starts, and the line's length (newline included)."""
-
-
-_encoder: Final = msgspec.json.Encoder()
-_decoder: Final = msgspec.json.Decoder(JournalEntry)
-
-
-def encode_entry(entry: JournalEntry) -> bytes:
-    """One line without its newline. ``entry.message`` must be valid JSON."""
-    data = _encoder.encode(entry)
-    # Only a raw message can hold a literal newline, and in valid JSON that is whitespace.
-    return data.replace(b"\n", b" ") if b"\n" in data else data
-
-
-def decode_entry(line: bytes) -> JournalEntry:
-    """Decode one line (newline optional); raises :class:`InvalidMessage` if it is not an entry."""
-    try:
-        entry = _decoder.decode(line)
-    except msgspec.DecodeError as exc:
-        schema = isinstance(exc, msgspec.ValidationError)
-        reason = Reason.SCHEMA if schema else Reason.INVALID_JSON
-        raise InvalidMessage(reason, f"journal line: {exc}") from exc
-    except UnicodeDecodeError as exc:  # msgspec's error for bad UTF-8 inside a string
-        raise InvalidMessage(Reason.INVALID_UTF8, f"journal line: {exc}") from exc
-    raw = entry.message
-    if raw is not None and len(raw) == 4 and bytes(raw) == b"null":
-        msgspec.structs.force_setattr(entry, "message", None)
-    return entry
-
-
-def _decode(line: bytes) -> JournalEntry | None:
-    try:
-        return decode_entry(line)
-    except InvalidMessage:
-        return None
-
-
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    # Not os.pread (POSIX only): the fd offset is ours alone, and O_APPEND writes ignore it.
-    os.lseek(fd, offset, os.SEEK_SET)
-    return os.read(fd, size)
-
-
-def _complete_end(fd: int, size: int) -> int:
-    """The offset just after the last ``\\n`` among the first ``size`` bytes (0 if none)."""
-    end = size
-    while end > 0:
-        start = max(0, end - _TAIL_BLOCK)
-        nl = _pread(fd, end - start, start).rfind(b"\n")
-        if nl >= 0:
-            return start + nl + 1
-        end = start
-    return 0
 
 
 class Journal:
@@ -178,18 +91,13 @@ class Journal:
         self._pid = os.getpid()
         self._seg_fd: int | None = None
         self._seg_index = 0
-        # read_at's descriptors, least recently used first; pread shares no file offset, so
-        # the lock guards only the dict (and the seek where there is no pread).
-        self._readers = threading.Lock()
-        self._read_fds: dict[int, int] = {}
-        self._read_pid = os.getpid()
+        self._readers = SegmentReaders(self.directory)  # read_at's descriptors
 
     def _path(self, index: int) -> Path:
-        return self.directory / f"{index:012d}.ndjson"
+        return segment_path(self.directory, index)
 
     def _indexes(self) -> list[int]:
-        names = list_names(self.directory)
-        return sorted(int(m.group(1)) for n in names if (m := _SEGMENT_RE.fullmatch(n)))
+        return segment_indexes(self.directory)
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -239,7 +147,7 @@ class Journal:
 
     def _open_segment(self, index: int, *, new: bool) -> int:
         self._close_fds()
-        flags = os.O_RDWR | os.O_APPEND | _O_BINARY | (os.O_CREAT | os.O_EXCL if new else 0)
+        flags = os.O_RDWR | os.O_APPEND | O_BINARY | (os.O_CREAT | os.O_EXCL if new else 0)
         self._seg_fd, self._seg_index = os.open(self._path(index), flags, 0o644), index
         if new:
             self._sync_dir(self.directory)
@@ -262,9 +170,9 @@ class Journal:
     def _cut_torn_tail(self, fd: int) -> tuple[int, int]:
         """Truncate ``fd`` after its last newline: ``(new size, bytes removed)``."""
         size = os.fstat(fd).st_size
-        if size == 0 or _pread(fd, 1, size - 1) == b"\n":
+        if size == 0 or seek_read(fd, 1, size - 1) == b"\n":
             return size, 0
-        cut = _complete_end(fd, size)
+        cut = complete_end(fd, size)
         os.ftruncate(fd, cut)
         if self.fsync:
             os.fsync(fd)
@@ -335,7 +243,7 @@ class Journal:
             raise ValueError("read_at needs a line's start and its length (> 0)")
         where = f"{position.segment}:{position.offset}"
         try:
-            data = self._pread_segment(position.segment, length, position.offset)
+            data = self._readers.pread(position.segment, length, position.offset)
         except FileNotFoundError:
             msg = f"journal segment {position.segment} of {self.directory} is gone"
             raise NotFound(msg, position=where) from None
@@ -343,29 +251,6 @@ class Journal:
             msg = f"no journal line of {length} bytes at {where} in {self.directory}"
             raise NotFound(msg, position=where)
         return decode_entry(data)
-
-    def _pread_segment(self, segment: int, size: int, offset: int) -> bytes:
-        with self._readers:
-            if self._read_pid != os.getpid():
-                self._read_fds.clear()  # the parent's descriptors: leave them to it
-                self._read_pid = os.getpid()
-            fd = self._read_fds.pop(segment, None)
-            if fd is None:
-                fd = os.open(self._path(segment), os.O_RDONLY | _O_BINARY)
-                while len(self._read_fds) >= _READ_FDS:  # evict the least recently used
-                    with contextlib.suppress(OSError):
-                        os.close(self._read_fds.pop(next(iter(self._read_fds))))
-            self._read_fds[segment] = fd  # re-inserted: most recently used last
-            if _HAS_PREAD:
-                return os.pread(fd, size, offset)
-            return _pread(fd, size, offset)  # no pread (Windows): the lock covers the seek
-
-    def _forget_readers(self, segments: Container[int] | None = None) -> None:
-        with self._readers:
-            for index in list(self._read_fds):
-                if segments is None or index in segments:
-                    with contextlib.suppress(OSError):
-                        os.close(self._read_fds.pop(index))
 
     def repair(self) -> int:
         """Cut a torn tail off the newest segment, durably; returns the bytes removed."""
@@ -405,14 +290,14 @@ class Journal:
             if removed:
                 self._sync_dir(self.directory)
         # An open descriptor would keep a deleted segment's blocks (and its stale lines).
-        self._forget_readers({int(p.name[:12]) for p in removed})
+        self._readers.forget({int(p.name[:12]) for p in removed})
         return removed
 
     def close(self) -> None:
         """Release the descriptors (idempotent)."""
         with self._mutex:
             self._close_fds()
-        self._forget_readers()
+        self._readers.forget()
 
     def __enter__(self) -> Self:
         return self
@@ -466,7 +351,7 @@ class Journal:
                     for line in buf[: end - 1].split(b"\n"):
                         start, length = offset, len(line) + 1
                         offset += length
-                        if (entry := _decode(line)) is None:
+                        if (entry := decode_or_none(line)) is None:
                             self._skip()
                         else:
                             yield entry, Position(segment, start), length
@@ -537,10 +422,10 @@ class Journal:
         if not (indexes := self._indexes()):
             return START
         try:
-            fd = os.open(self._path(indexes[-1]), os.O_RDONLY | _O_BINARY)
+            fd = os.open(self._path(indexes[-1]), os.O_RDONLY | O_BINARY)
         except FileNotFoundError:  # pruned meanwhile
             return self.end_position()
         try:
-            return Position(indexes[-1], _complete_end(fd, os.fstat(fd).st_size))
+            return Position(indexes[-1], complete_end(fd, os.fstat(fd).st_size))
         finally:
             os.close(fd)
