@@ -5,18 +5,17 @@ files), printing the same thing both ways. ``busd replay`` and ``busd dlq edit``
 exit 65 when an entry is still invalid, replay 66 when a named entry is not in
 the DLQ; a missing confirmation (``--yes``) is a usage error, 2. Replayed files
 wait in an outbox: with no daemon they are routed before the command returns.
+
+Getting each answer (from the socket or the files) moved to :mod:`busd.cli.dlqdata`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,12 +24,9 @@ import typer
 
 from busd.cli.common import (
     EXIT_CODES,
-    RPC_TIMEOUT_S,
     ConfigOpt,
-    DaemonCall,
     JsonOpt,
     RootOpt,
-    daemon_or_files,
     exit_on_error,
     fail,
     load,
@@ -39,29 +35,23 @@ from busd.cli.common import (
     print_json,
     remember_options,
 )
+from busd.cli.dlqdata import list_entries as _entries
+from busd.cli.dlqdata import replay_names as _replay_names
+from busd.cli.dlqdata import replay_shape as _replay_shape
+from busd.cli.dlqdata import route_offline as _route_offline
+from busd.cli.dlqdata import show_entry as _show
 from busd.cli.render import ago, pairs, progress, short, since_iso, table
-from busd.config import Config
 from busd.core.model import check_agent_name
-from busd.errors import InvalidMessage, NotFound
-from busd.routing.offline import route_pending
 from busd.routing.replay import replay as replay_entry
-from busd.store import dlq, foreign
+from busd.store import dlq
 
 __all__ = ["register"]
-
-_REPLAY_CHUNK = 50
 
 
 def register(app: typer.Typer) -> None:
     """Add ``replay`` and the ``dlq`` group to ``app``."""
     app.command()(replay)
     app.add_typer(_dlq_app, name="dlq")
-
-
-def _route_offline(cfg: Config) -> None:
-    # Replayed files wait in an outbox; with no daemon, route them now (skipped if
-    # a daemon took the bus meanwhile: it routes them itself).
-    route_pending(cfg)
 
 
 _dlq_app = typer.Typer(
@@ -78,29 +68,6 @@ def _dlq_group(ctx: typer.Context, root: RootOpt = None, config: ConfigOpt = Non
     Example: busd dlq list --reason schema
     """
     remember_options(ctx, root, config)
-
-
-_FOREIGN = foreign.FOREIGN_REASON
-
-
-def _entries(cfg: Config, reason: str | None, agent: str | None) -> list[dict[str, Any]]:
-    """DLQ entries as ``{"name", **record}``, through the daemon if it runs, with the
-    foreign ones, ``"foreign": true`` (the daemon lists them too; read here from ``dlq/``
-    directly for the files path and a daemon that does not: listing moves nothing)."""
-
-    def live(call: DaemonCall) -> list[dict[str, Any]]:
-        params = {"reason": reason, "agent": agent}
-        return list(call("dlq.list", params, timeout=RPC_TIMEOUT_S)["entries"])
-
-    def files() -> list[dict[str, Any]]:
-        entries = dlq.list_entries(cfg.layout, reason=reason, agent=agent)
-        return [{"name": e.name, **msgspec.to_builtins(e.record)} for e in entries]
-
-    own = daemon_or_files(cfg, live, files)
-    if agent is not None or reason not in (None, _FOREIGN):
-        return own
-    listed = {e.get("name") for e in own if e.get("foreign")}
-    return own + [e.row() for e in foreign.list_foreign(cfg.layout) if e.name not in listed]
 
 
 def _since_filter(since: str | None) -> float | None:
@@ -174,53 +141,6 @@ def dlq_list(
         "detail",
     ]
     table(headers, rows)
-
-
-def _show(cfg: Config, name: str) -> dict[str, Any]:
-    def live(call: DaemonCall) -> dict[str, Any]:
-        try:
-            answer = call("dlq.show", {"name": name}, timeout=RPC_TIMEOUT_S)
-        except InvalidMessage:
-            # Data that is not a regular file (a symlink, a FIFO): show the record alone.
-            matches = [e for e in _entries(cfg, None, None) if e["name"] == name]
-            if not matches:
-                raise NotFound(f"no DLQ entry {name!r}", name=name) from None
-            record = {k: v for k, v in matches[0].items() if k != "name"}
-            answer = {"name": name, "record": record, "data": None}
-        return _show_shape(answer)
-
-    def files() -> dict[str, Any]:
-        try:
-            entry = dlq.load(cfg.layout, name)
-        except NotFound:
-            return _show_foreign(cfg, name)
-        try:
-            text: str | None = entry.data().decode("utf-8", errors="replace")
-        except InvalidMessage:
-            text = None
-        record = msgspec.to_builtins(entry.record)
-        return _show_shape({"name": entry.name, "record": record, "data": text})
-
-    try:
-        return daemon_or_files(cfg, live, files)
-    except NotFound:
-        return _show_foreign(cfg, name)
-
-
-def _show_foreign(cfg: Config, name: str) -> dict[str, Any]:
-    """A foreign dead letter, read in place (NotFound if there is none of that name)."""
-    entry, data = foreign.load_foreign(cfg.layout, name)
-    text = data.decode("utf-8", errors="replace") if data is not None else None
-    return _show_shape({"name": entry.name, "record": entry.row(), "data": text})
-
-
-def _show_shape(answer: dict[str, Any]) -> dict[str, Any]:
-    text = answer.get("data")
-    parsed: Any = None
-    if text is not None:
-        with suppress(msgspec.DecodeError):
-            parsed = msgspec.json.decode(text.encode("utf-8"))
-    return {"name": answer["name"], "record": answer["record"], "data": text, "json": parsed}
 
 
 @_dlq_app.command("show")
@@ -380,69 +300,6 @@ def dlq_edit(
 
 
 # -- replay --------------------------------------------------------------------
-
-
-def _replay_shape(result: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    target = result.get("target")
-    if target:
-        with suppress(ValueError):
-            target = Path(target).relative_to(cfg.layout.root).as_posix()
-    return {
-        "name": result["name"],
-        "status": result["status"],
-        "target": target or None,
-        "message_id": result.get("message_id"),
-        "detail": result.get("detail") or "",
-    }
-
-
-def _replay_names(
-    cfg: Config,
-    names: list[str],
-    *,
-    to: str | None,
-    dry_run: bool,
-    data: bytes | None,
-    step: Callable[[], None],
-) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    via_daemon = data is None  # the socket method takes no corrected bytes
-    offline = False
-
-    def files(chunk: list[str]) -> list[dict[str, Any]]:
-        nonlocal via_daemon, offline
-        via_daemon, offline = False, True  # a daemon gone stays gone for this run
-        done: list[dict[str, Any]] = []
-        for name in chunk:
-            try:
-                result = msgspec.to_builtins(
-                    replay_entry(cfg, name, to=to, data=data, dry_run=dry_run), enc_hook=str
-                )
-            except NotFound as exc:
-                result = {"name": name, "status": "not_found", "detail": exc.message}
-            done.append(_replay_shape(result, cfg))
-            step()
-        return done
-
-    def live(chunk: list[str], call: DaemonCall) -> list[dict[str, Any]]:
-        params = {"names": chunk, "to": to, "dry_run": dry_run}
-        done: list[dict[str, Any]] = []
-        for r in call("replay", params, timeout=RPC_TIMEOUT_S)["replayed"]:
-            done.append(_replay_shape(r, cfg))
-            step()
-        return done
-
-    for i in range(0, len(names), _REPLAY_CHUNK):
-        chunk = names[i : i + _REPLAY_CHUNK]
-        if via_daemon:
-            results += daemon_or_files(
-                cfg, functools.partial(live, chunk), functools.partial(files, chunk)
-            )
-        else:
-            results += files(chunk)
-    if offline and not dry_run and any(r["status"] == "replayed" for r in results):
-        _route_offline(cfg)
-    return results
 
 
 def _print_replays(results: list[dict[str, Any]], json_out: bool) -> None:

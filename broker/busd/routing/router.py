@@ -25,18 +25,18 @@ calls these from worker threads; the daemon-less CLI uses
 :func:`busd.routing.offline.route_pending`.
 
 Only the holder of the bus lock (``<root>/busd.lock``) routes a bus.
+
+The values a pass takes and returns moved to :mod:`busd.routing.batch` (re-exported here).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
 
 import msgspec
 import structlog
@@ -44,13 +44,14 @@ import structlog
 from busd.config import Config
 from busd.core.codec import decode
 from busd.core.model import Message, check_agent_name
-from busd.errors import BusdError
 from busd.routing import intake, refusals
+from busd.routing.batch import Batch, Held, Incoming, Kept, RouteReport, Served
+from busd.routing.batch import Item as _Item
 from busd.routing.dedupe import DedupeIndex, KeySpaces
 from busd.routing.holdings import Holdings
 from busd.routing.intake import Origin, Parcel, Refused, Rules
 from busd.store.fsio import rename_noreplace
-from busd.store.journal import START, Journal, JournalEntry, Position
+from busd.store.journal import Journal, JournalEntry, Position
 from busd.store.layout import delivery_name
 from busd.store.mailbox import (
     arrival_clock,
@@ -70,89 +71,6 @@ _BATCH = 512
 # (agent, bytes to write, message_id, arrival, the message in tapps mode: Tapps' names)
 _Jobs = list[tuple[str, bytes, str, str, Message | None]]
 _Out = tuple[list[JournalEntry], "RouteReport", datetime]  # where refusals and lines go
-Served = Callable[[str], bool]
-"""Whether an agent is socket-served (its messages stay in memory, no inbox file)."""
-Held = Callable[[str, str], bool]
-"""Whether ``(agent, message_id)`` is the daemon's memory's to deliver (no file for it)."""
-
-
-class Kept(NamedTuple):
-    """An accepted message kept in memory for a served ``agent``: its journal line."""
-
-    agent: str
-    message_id: str
-    key: str | None
-    position: Position
-    length: int
-
-
-class RouteReport(msgspec.Struct, kw_only=True):
-    """Counts of what one or more routing passes did."""
-
-    accepted: int = 0
-    delivered: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    redone: int = 0
-    recipients: set[str] = msgspec.field(default_factory=set)
-    kept: list[Kept] = msgspec.field(default_factory=list)
-    """Deliveries :meth:`Router.finish` left to the daemon's memory (served agents)."""
-
-    def add(self, other: RouteReport) -> None:
-        """Add ``other``'s counts to these (``recipients`` is a union, ``kept`` joined)."""
-        for f in self.__struct_fields__:
-            if f == "recipients":
-                self.recipients |= other.recipients
-            elif f == "kept":
-                self.kept.extend(other.kept)
-            else:
-                setattr(self, f, getattr(self, f) + getattr(other, f))
-
-
-@dataclass(slots=True)
-class Incoming:
-    """A socket publish for :meth:`Router.commit` (its bytes, or a decoded ``message``).
-
-    ``commit`` admits it in its worker thread and sets ``outcome``: ``"accepted"``,
-    ``"duplicate"``, or the :class:`BusdError` that refused it (dead-lettered,
-    journaled, counted); ``message`` is then the decoded message, if it decoded.
-    """
-
-    message: Message | None = None
-    sender: str | None = None
-    raw: bytes | None = None
-    outcome: str | BusdError | None = None
-
-    def __post_init__(self) -> None:
-        if self.message is None and self.raw is None:
-            raise ValueError("Incoming needs raw bytes or a message")
-
-
-@dataclass(slots=True)
-class Batch:
-    """A committed batch awaiting :meth:`Router.finish`."""
-
-    report: RouteReport = field(default_factory=lambda: RouteReport())
-    accepted: list[_Item] = field(default_factory=list)
-    redo: list[_Item] = field(default_factory=list)
-    position: Position = START
-
-    @property
-    def size(self) -> int:
-        """About the bytes held until :meth:`Router.finish` (body + decoded message)."""
-        return sum(2 * len(i.body) for i in (*self.accepted, *self.redo))
-
-
-@dataclass(slots=True)
-class _Item:
-    msg: Message
-    body: bytes
-    recipients: list[str]
-    rel: str | None
-    path: Path | None
-    incoming: Incoming | None
-    position: Position = START  # start of its `accepted` line (set by commit)
-    length: int = 0  # bytes of that line, newline included
 
 
 class Router:
