@@ -80,6 +80,14 @@ class FakeBroker:
             out.append((d, bytes(entry.message)))
         return out
 
+    async def waiting(self, agent: str, n: int) -> list[tuple[str, int, bytes]]:
+        out = []
+        for ref, count in self.queues.waiting(agent, n):
+            entry = self.router.journal.read_at(ref.position, ref.length)
+            assert entry.message is not None
+            out.append((ref.message_id, count, bytes(entry.message)))
+        return out
+
     async def settle(
         self, agent: str, *, receipts: list[str], message_ids: list[str]
     ) -> AckOutcome:

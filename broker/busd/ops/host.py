@@ -10,7 +10,8 @@ directory (the two tops and every agent directory in them), and one inotify
 instance. The limits in force are the smaller of the per-user sysctls
 (``/proc/sys/fs/inotify/max_user_*``) and those of the user namespace
 (``/proc/sys/user/max_inotify_*``); where neither exists (not Linux) there is no
-limit to check. Everything here reads metadata only and never prints.
+limit to check. Everything here reads metadata only and never prints, except
+:func:`raise_fd_limit`, which lifts the daemon's soft descriptor limit to the hard one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "inotify_budget",
     "mount_of",
     "pid_alive",
+    "raise_fd_limit",
     "read_inotify_limits",
 ]
 
@@ -267,3 +269,18 @@ def check_filesystem(config: Config, fix: bool) -> Finding:
             "bus on a local disk",
         )
     return Finding("filesystem", "ok", detail)
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft descriptor limit to the hard one: each client costs a descriptor."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep what we have; accept errors are survived anyway

@@ -427,3 +427,12 @@ class Queues:
         if q is None:
             return []
         return sorted(((s.ref, s.count) for s in q.slots.values()), key=lambda t: t[0].position)
+
+    def waiting(self, agent: str, n: int) -> list[tuple[Ref, int]]:
+        """Up to ``n`` unclaimed refs of ``agent`` (ready or delayed) with their counts,
+        oldest first (nothing removed): what ``peek`` lists."""
+        q = self._agents.get(agent)
+        if q is None or n <= 0:
+            return []
+        ready = ((s.ref, s.count) for s in q.slots.values() if s.delivery is None)
+        return heapq.nsmallest(n, ready, key=lambda t: t[0].position)

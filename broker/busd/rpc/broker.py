@@ -77,6 +77,12 @@ class Broker(Protocol):
         """Claim up to ``n`` memory messages of ``agent``, oldest first, with their bodies."""
         ...
 
+    async def waiting(self, agent: str, n: int) -> list[tuple[str, int, bytes]]:
+        """Up to ``n`` memory messages of ``agent`` that are not claimed (ready or delayed),
+        oldest first, as ``(message_id, deliveries so far, body)``; nothing changes, the
+        agent does not become served (the bodies are read in a worker thread)."""
+        ...
+
     async def settle(
         self, agent: str, *, receipts: list[str], message_ids: list[str]
     ) -> AckOutcome:

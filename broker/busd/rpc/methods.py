@@ -33,7 +33,7 @@ import structlog
 from busd import __version__
 from busd.config import Config
 from busd.core.model import check_agent_name
-from busd.errors import BusdError, NotFound
+from busd.errors import BusdError, InvalidMessage, NotFound
 from busd.ops.status import StatusReport
 from busd.routing import replay as _replay
 from busd.routing.consumer import Consumer
@@ -55,6 +55,9 @@ from busd.rpc.protocol import (
     FetchResult,
     NackParams,
     NackResult,
+    PeekedMessage,
+    PeekParams,
+    PeekResult,
     PingResult,
     PublishBatchParams,
     PublishBatchResult,
@@ -69,7 +72,8 @@ from busd.rpc.protocol import (
 )
 from busd.rpc.pushes import Subscribers, claim_payload, memory_payload
 from busd.store import dlq, foreign
-from busd.store.layout import parse_delivery_name
+from busd.store.fsio import list_names, read_limited
+from busd.store.layout import Layout, parse_delivery_name
 
 __all__ = ["Methods", "claim_payload", "memory_payload"]
 
@@ -92,6 +96,7 @@ class Methods:
             "nack": (NackParams, self.nack),
             "extend": (ExtendParams, self.extend),
             "reject": (RejectParams, self.reject),
+            "peek": (PeekParams, self.peek),
             "status": (AgentParams, self.status),
             "dlq.list": (DlqListParams, self.dlq_list),
             "dlq.show": (DlqShowParams, self.dlq_show),
@@ -245,6 +250,31 @@ class Methods:
         self.subscribers.released(agent, {mid})
         return RejectResult(name)
 
+    async def peek(self, p: PeekParams) -> PeekResult:
+        """What waits for an agent, unclaimed, in the order ``fetch`` takes it: inbox files
+        first (the older part of the queue), then memory; summaries, no bodies.
+
+        Changes nothing: no claim, no directory, and the agent does not become served.
+        Memory is read before the files, so a message written out meanwhile shows up
+        as a file (and is listed once), never in neither.
+        """
+        agent = check_agent_name(p.agent_id, "agent_id")
+        await self.broker.settled()  # what a publisher was told is accepted is listed
+        memory = await self.broker.waiting(agent, p.max)
+        layout, limit = self.config.layout, self.config.max_message_bytes
+
+        def listed() -> list[PeekedMessage]:
+            out = _inbox(layout, agent, p.max, limit)
+            seen = {m.message_id for m in out}
+            for mid, count, body in memory:
+                if len(out) >= p.max:
+                    break
+                if mid not in seen:
+                    out.append(_summary(body, mid, count))
+            return out
+
+        return PeekResult(await anyio.to_thread.run_sync(listed))
+
     async def status(self, _: AgentParams) -> StatusReport:
         return await self.broker.status()
 
@@ -292,6 +322,52 @@ class Methods:
             moved.append(msgspec.to_builtins(result, enc_hook=str))  # target is a Path
         self.broker.request_scan()
         return ReplayResult(moved)
+
+
+def _inbox(layout: Layout, agent: str, n: int, max_bytes: int) -> list[PeekedMessage]:
+    """The first ``n`` deliveries in ``inbox/<agent>/`` (names of any delivery form)."""
+    out: list[PeekedMessage] = []
+    directory = layout.inbox_dir(agent)
+    for name in list_names(directory):
+        if len(out) >= n:
+            break
+        parsed = parse_delivery_name(name)
+        if parsed is None:
+            continue  # a foreign name: not a delivery until a claim names it
+        try:
+            data = read_limited(directory / name, max_bytes)
+        except InvalidMessage:
+            data = b""  # too large or not a regular file: listed by its name alone
+        except OSError:
+            continue  # claimed meanwhile
+        out.append(_summary(data, parsed.message_id, parsed.deliveries))
+    return out
+
+
+def _summary(data: bytes, message_id: str, count: int) -> PeekedMessage:
+    """busclient's ``_summary`` of a delivery's bytes: what is not a JSON message with a
+    string ``message_id`` (front matter, say) shows its name's id and nulls. The fields
+    shown are envelope fields, which a Tapps payload keeps in place."""
+    try:
+        msg = msgspec.json.decode(data.removeprefix(b"\xef\xbb\xbf"))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        msg = None
+    if not isinstance(msg, dict) or not isinstance(msg.get("message_id"), str):
+        msg = {}
+
+    def text(key: str) -> str | None:
+        value = msg.get(key)
+        return value if isinstance(value, str) else None
+
+    return PeekedMessage(
+        message_id=text("message_id") or message_id,
+        from_=text("agent_id"),
+        type=text("message_type"),
+        created_at=text("created_at"),
+        delivery_count=count,
+        workflow_id=text("workflow_id"),
+        task_id=text("task_id"),
+    )
 
 
 def _replay_one(config: Config, name: str, p: ReplayParams) -> _replay.ReplayResult:

@@ -48,6 +48,9 @@ __all__ = [
     "FetchResult",
     "NackParams",
     "NackResult",
+    "PeekParams",
+    "PeekResult",
+    "PeekedMessage",
     "PingResult",
     "PublishBatchParams",
     "PublishBatchResult",
@@ -168,6 +171,13 @@ class RejectParams(_Params):
     receipt: str | None = None
 
 
+class PeekParams(_Params):
+    """``peek``: summaries of up to ``max`` deliveries waiting for ``agent_id``, unclaimed."""
+
+    agent_id: _Agent
+    max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+
+
 class SubscribeParams(_Params):
     """``subscribe``: push messages of ``agent_id`` (and join ``topics``)."""
 
@@ -257,6 +267,26 @@ class FetchResult(msgspec.Struct):
     """``fetch``."""
 
     messages: list[ClaimedMessage]
+
+
+class PeekedMessage(msgspec.Struct):
+    """One waiting delivery as ``peek`` shows it: no body, every key always present
+    (null when the message lacks it). The keys and values of busclient's ``_summary``,
+    so the daemon's answer and the client's file listing agree."""
+
+    message_id: str
+    from_: str | None = msgspec.field(name="from")
+    type: str | None
+    created_at: str | None
+    delivery_count: int
+    workflow_id: str | None
+    task_id: str | None
+
+
+class PeekResult(msgspec.Struct):
+    """``peek``: oldest first, as ``fetch`` would take them."""
+
+    messages: list[PeekedMessage]
 
 
 class AckResult(msgspec.Struct):

@@ -57,6 +57,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from busd.config import Config, ConfigLoader
 from busd.errors import AlreadyRunning, BusdError, ConfigError, StorageError
+from busd.ops.host import raise_fd_limit
 from busd.ops.listings import Listings
 from busd.ops.status import DaemonInfo, QueueInfo, Rates, StatusReport, Totals, report
 from busd.routing.consumer import return_expired
@@ -66,9 +67,10 @@ from busd.routing.retention import gc
 from busd.routing.router import Incoming, Router, RouteReport
 from busd.runtime.arrivals import Arrivals, Wakeup
 from busd.runtime.committer import Committer
+from busd.runtime.consumers import ConsumerMethods
 from busd.runtime.deliverer import Deliverer
 from busd.runtime.follow import Follower
-from busd.runtime.memory import ConsumerMethods, Memory, rebuild
+from busd.runtime.memory import Memory, rebuild
 from busd.runtime.metrics import Metrics
 from busd.runtime.mirror import run_mirrors, with_mirrors
 from busd.runtime.sdnotify import Notifier, watchdog_interval
@@ -177,7 +179,7 @@ class Daemon(ConsumerMethods):
         ``start_services`` runs inside the root task group before the daemon
         is ready; ``task_status`` is given the daemon once it is.
         """
-        _raise_fd_limit()
+        raise_fd_limit()
         lock = BusLock(self.config.layout, role="daemon")
         await anyio.to_thread.run_sync(self._acquire, lock)
         try:
@@ -489,18 +491,3 @@ async def _plain_errors() -> AsyncIterator[None]:
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], BusdError):
             raise group.exceptions[0] from None
         raise
-
-
-def _raise_fd_limit() -> None:
-    """Lift the soft descriptor limit to the hard one: each client costs a descriptor."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass  # keep what we have; accept errors are survived anyway

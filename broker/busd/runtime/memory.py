@@ -53,16 +53,15 @@ from busd.routing.fold import acked_entry, delivered_entry
 from busd.routing.intake import Origin, Refused
 from busd.routing.queues import AckOutcome, Delivery, Queues, Ref
 from busd.routing.router import Kept, Router, RouteReport
-from busd.runtime.arrivals import Arrivals
 from busd.runtime.committer import Committer
 from busd.runtime.deliverer import Deliverer
 from busd.runtime.metrics import Metrics
 from busd.runtime.serving import Serving
-from busd.store.journal import JournalEntry, Position
+from busd.store.journal import Journal, JournalEntry, Position
 from busd.store.layout import delivery_name
 from busd.store.mailbox import arrival_clock
 
-__all__ = ["ConsumerMethods", "Memory", "Taken", "new_receipt", "rebuild"]
+__all__ = ["Memory", "Taken", "new_receipt", "rebuild"]
 
 _log = structlog.get_logger("busd.daemon")
 _WRITE_OUT_CHUNK = 256
@@ -104,6 +103,11 @@ class Memory:
         """``time.monotonic()`` before which nothing is written out (start-up grace)."""
         self.on_returned: Callable[[str, set[str]], None] = lambda agent, ids: None
         """Called with the ids of an agent's memory deliveries whose lease ended."""
+
+    @property
+    def journal(self) -> Journal:
+        """The journal the memory messages' bodies are read back from."""
+        return self._router.journal
 
     # -- what the delivery lane hands in --------------------------------------
 
@@ -452,64 +456,3 @@ def _any_file(directory: Path) -> bool:
             return any(not e.name.startswith(".") for e in it)
     except (FileNotFoundError, NotADirectoryError):
         return False
-
-
-class ConsumerMethods:
-    """Broker methods of memory deliveries; the class mixing it in provides the memory."""
-
-    serving: Serving
-    arrivals: Arrivals
-
-    def _memory(self) -> Memory:
-        raise NotImplementedError
-
-    def _memory_or_none(self) -> Memory | None:
-        raise NotImplementedError
-
-    def attach(self, agent: str) -> None:
-        """A subscriber of ``agent`` arrived: it is socket-served while one remains."""
-        self.serving.attach(agent)
-
-    def detach(self, agent: str) -> None:
-        """A subscriber of ``agent`` left."""
-        self.serving.detach(agent)
-
-    def touch(self, agent: str) -> None:
-        """``agent`` fetched over the socket: served for ``serve_grace_seconds``."""
-        self.serving.touch(agent)
-
-    async def claim(self, agent: str, n: int) -> list[Taken]:
-        """Claim up to ``n`` of ``agent``'s memory messages (with bodies), oldest first."""
-        return await self._memory().claim(agent, n)
-
-    async def settle(
-        self, agent: str, *, receipts: list[str], message_ids: list[str]
-    ) -> AckOutcome:
-        """Ack memory deliveries (answered after the ``acked`` fsync); StaleReceipt if stale."""
-        return await self._memory().ack(agent, receipts=receipts, message_ids=message_ids)
-
-    def holds(self, agent: str, message_id: str) -> bool:
-        """Whether memory holds ``message_id`` for ``agent`` (ready or in flight)."""
-        return (memory := self._memory_or_none()) is not None and memory.holds(agent, message_id)
-
-    def release(
-        self, agent: str, *, receipt: str | None, message_id: str | None, delay_s: float
-    ) -> None:
-        """Put a memory delivery back (nack), now or after ``delay_s``."""
-        self._memory().release(agent, receipt=receipt, message_id=message_id, delay_s=delay_s)
-        if not delay_s:
-            self.arrivals.notify((agent,))
-
-    def extend(
-        self, agent: str, *, receipt: str | None, message_id: str | None, lease_s: float
-    ) -> datetime:
-        """Push a memory delivery's lease to ``lease_s`` from now."""
-        return self._memory().extend(agent, receipt=receipt, message_id=message_id, lease_s=lease_s)
-
-    async def reject(
-        self, agent: str, *, receipt: str | None, message_id: str | None, reason: str
-    ) -> str:
-        """Dead-letter a memory delivery in flight, reason ``rejected``; the DLQ entry name."""
-        return await self._memory().reject(
-            agent, receipt=receipt, message_id=message_id, reason=reason
-        )

@@ -45,8 +45,10 @@ Contracts:
   and never settles the newer claim. ``Client.ack``/``nack``/``extend`` also take
   message ids, meaning "the current claim" (protocol.md 6.8 and 11).
 * ``reject`` dead-letters a claim (reason ``rejected``) through the daemon or, without
-  one, as the file protocol says (protocol.md 6.2). ``peek``, ``thread`` and ``message``
-  always read the files (the inbox, the journal), daemon or not.
+  one, as the file protocol says (protocol.md 6.2). ``peek`` asks the daemon (its
+  memory queue and the inbox files); without one, or from a daemon too old to know
+  ``peek``, it lists ``inbox/<agent>/`` itself. ``thread`` and ``message`` always read
+  the journal, daemon or not.
 * Errors are :class:`BusError` subclasses carrying the JSON-RPC ``code``, the stable
   ``reason`` and the answer's ``data``. :class:`Unavailable` means no daemon could be
   reached and the call has no fallback: ``fallback=False`` was given, or the method
@@ -110,6 +112,7 @@ _DELIVERY_RE = re.compile(
 )
 _LINE_LIMIT = 1 << 30  # one answer holds up to `max` messages of max_message_bytes each
 _LOCK_TIMEOUT_S = 10.0
+_PEEK_MAX = 1000  # the most one `peek` call to the daemon may ask for
 _Via = Literal["socket", "file"]
 
 
@@ -1560,6 +1563,11 @@ class _Base:
     def _status(self) -> _Op[dict[str, Any]]:
         return _Op("status", {}, dict, self._files.status)
 
+    def _peek(self, agent_id: str, limit: int) -> _Op[list[dict[str, Any]]]:
+        agent, files = _agent(agent_id), self._files
+        params = {"agent_id": agent, "max": min(limit, _PEEK_MAX)}
+        return _Op("peek", params, _peeked, lambda: files.peek(agent, limit))
+
     def _daemon(self, method: str, params: dict[str, Any], key: str | None = None) -> _Op[Any]:
         return _Op(method, params, lambda r: r[key] if key else r)
 
@@ -1576,6 +1584,15 @@ class _Base:
             self._done.update(dict.fromkeys(_done_keys(delivery)))
             while len(self._done) > 10_000:
                 del self._done[next(iter(self._done))]
+
+
+def _peeked(result: Any) -> list[dict[str, Any]]:
+    return [dict(m) for m in result["messages"]]
+
+
+def _unknown_method(exc: BusError) -> bool:
+    """Whether the daemon answered "no such method" (it predates the call)."""
+    return exc.code == -32601
 
 
 def _done_keys(delivery: _DeliveryData) -> list[str]:
@@ -1836,9 +1853,22 @@ class Client(_Base):
         return self._run(self._reject(agent_id, message_id, receipt, reason))[0]
 
     def peek(self, agent_id: str, limit: int = 10) -> list[dict[str, Any]]:
-        """Summaries (no bodies) of the deliveries waiting as files in ``inbox/<agent_id>/``,
-        oldest first, without claiming. The daemon's memory queue is not listed: its
-        count is in :meth:`status`."""
+        """Summaries (no bodies) of up to ``limit`` deliveries waiting for ``agent_id``,
+        unclaimed, oldest first (in the order ``fetch`` takes them), without claiming
+        anything: ``message_id``, ``from``, ``type``, ``created_at``, ``delivery_count``
+        (deliveries so far), ``workflow_id``, ``task_id``.
+
+        Through the daemon (at most 1000 a call): the inbox files and the messages it holds
+        in memory for a socket-served agent. Without a daemon, or from one that predates
+        ``peek``, the files in ``inbox/<agent_id>/``."""
+        op = self._peek(agent_id, limit)
+        if limit < 1:
+            return []
+        try:
+            return self._run(op)[0]
+        except BusError as exc:
+            if not _unknown_method(exc):
+                raise
         return self._files.peek(agent_id, limit)
 
     def thread(
@@ -2184,6 +2214,14 @@ class AsyncClient(_Base):
 
     async def peek(self, agent_id: str, limit: int = 10) -> list[dict[str, Any]]:
         """See :meth:`Client.peek`."""
+        op = self._peek(agent_id, limit)
+        if limit < 1:
+            return []
+        try:
+            return (await self._run(op))[0]
+        except BusError as exc:
+            if not _unknown_method(exc):
+                raise
         return await asyncio.to_thread(self._files.peek, agent_id, limit)
 
     async def thread(
