@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _rpc import Rpc
-from busd.ops.listings import SETTLE_S, Listings, Mailbox, listed, mailbox
+from busd.ops.listings import SETTLE_S, Listings, Mailbox, Waiting, listed, mailbox, outbox_of
 from busd.store.layout import delivery_name, init_bus
 from daemon_harness import Daemon, drop, message, wait_for
 
@@ -139,3 +139,29 @@ def test_the_daemon_status_follows_a_file_consumer_through_its_kept_listings(
             assert bob() == (4, 1)
     finally:
         daemon.stop()
+
+
+def test_an_outbox_stats_only_the_names_it_has_not_seen(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    for i, age in enumerate((300, 200, 100)):
+        (outbox / f"f{i}.json").write_bytes(b"{}")
+        t = time.time() - age
+        os.utime(outbox / f"f{i}.json", (t, t))
+    listings = Listings()
+    first = listings.waiting(outbox)
+    assert first.total == 3 and first.oldest_mtime is not None
+    assert abs(first.oldest_mtime - (time.time() - 300)) < 5
+    # A name seen before keeps the mtime it had (outbox files are renamed in whole and
+    # left alone): touching one is not seen, a new name and a routed one are.
+    os.utime(outbox / "f1.json", (1.0, 1.0))
+    (outbox / "f0.json").unlink()
+    (outbox / "new.json").write_bytes(b"{}")
+    second = listings.waiting(outbox)
+    assert second.total == 3 and second.oldest_mtime is not None
+    assert abs(second.oldest_mtime - (time.time() - 200)) < 5
+    # Without a kept listing every name is stat'ed.
+    assert outbox_of(outbox, listed(outbox)).oldest_mtime == 1.0
+    for name in listed(outbox):
+        (outbox / name).unlink()
+    assert listings.waiting(outbox) == Waiting(0, None)

@@ -36,7 +36,15 @@ import msgspec
 
 from busd import __version__
 from busd.config import Config, socket_path
-from busd.ops.listings import Listings, arrival_of, listed, mailbox, summarized
+from busd.ops.listings import (
+    Listings,
+    Waiting,
+    arrival_of,
+    listed,
+    mailbox,
+    outbox_of,
+    summarized,
+)
 
 __all__ = [
     "BRIDGE_STALE_S",
@@ -277,8 +285,8 @@ def report(
     for agent in dict.fromkeys([*layout.agents(), *sorted(queues)]):
         ready = summarized(listings, layout.inbox_dir(agent), mailbox)
         claimed = summarized(listings, layout.locks_dir(agent), mailbox)
-        outbox = listed(layout.outbox_dir(agent))
-        waiting = _oldest_mtime(layout.outbox_dir(agent), outbox)
+        outbox = _waiting(listings, layout.outbox_dir(agent))
+        waiting = outbox.oldest_mtime
         if waiting is not None and (oldest_outbox is None or waiting < oldest_outbox):
             oldest_outbox = waiting
         queue = queues.get(agent)
@@ -290,7 +298,7 @@ def report(
             max_in_flight=config.max_in_flight,
             redelivered=ready.redelivered,
             oldest_ready_age_s=_since_arrival(ready.oldest, now),
-            outbox=len(outbox),
+            outbox=outbox.total,
             outbox_oldest_age_s=_age(waiting, now),
             last_delivery_at=iso_time(arrival_of(newest) if newest else None),
             last_ack_at=iso_time(_mtime(layout.ledger(agent))),
@@ -423,15 +431,10 @@ def _since_arrival(name: str | None, now: float) -> float | None:
     return None if name is None else max(0.0, round(now - arrival_of(name), 3))
 
 
-def _oldest_mtime(directory: Path, names: list[str]) -> float | None:
-    # Outbox names are free-form, so arrival order is not name order: stat them all
-    # (one stat per waiting file; still no reads).
-    oldest: float | None = None
-    for name in names:
-        mtime = _mtime(directory / name)
-        if mtime is not None and (oldest is None or mtime < oldest):
-            oldest = mtime
-    return oldest
+def _waiting(listings: Listings | None, directory: Path) -> Waiting:
+    if listings is None:
+        return outbox_of(directory, listed(directory))
+    return listings.waiting(directory)
 
 
 def _reason_of(path: os.PathLike[str]) -> str:
