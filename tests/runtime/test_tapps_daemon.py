@@ -221,6 +221,11 @@ def test_dead_letters_keep_apart_and_every_reader_finds_busds(tmp_path: Path) ->
         (name,) = _names(root / "inbox" / "builder")
         assert name.endswith("_t-rej_task_assignment.json")
         assert [m["message_id"] for m in tapps.poll_inbox("builder")] == ["t-rej"]
+        # Tapps' replay put its (still invalid) message back into inbox/tester/: busd refuses
+        # it into dlq/busd/ when the watcher reports it, a moment later. The purge must find
+        # that entry older than its 1 s too.
+        wait_for(lambda: not files(root / "inbox" / "tester"), what="the replayed bad-1 refused")
+        time.sleep(1.1)
         old = time.time() - 30 * 86400
         for p in tapps.written:
             if p.exists():
