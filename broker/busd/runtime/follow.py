@@ -61,6 +61,8 @@ from busd.errors import (
     ShuttingDown,
     Unroutable,
 )
+from busd.routing.intake import Origin, Refused
+from busd.routing.refusals import dead_letter
 from busd.routing.router import Incoming, RouteReport
 from busd.runtime.arrivals import Wakeup
 from busd.runtime.committer import Committer
@@ -380,27 +382,10 @@ class Follower:
             original = f"{chunk.path}@{rec.offset}"
             if dlq.find(layout, original, hashlib.sha256(rec.raw).hexdigest()) is not None:
                 continue  # a batch read again after a crash: dead-lettered once
-            name = dlq.dead_letter(
-                layout,
-                reason=reason,
-                detail=detail,
-                data=rec.raw,
-                sender=SENDER,
-                original_path=original,
-            )
-            _log.warning(
-                "message_dead_lettered", source=original, reason=reason.value, detail=detail
-            )
-            entries.append(
-                JournalEntry(
-                    event="dead_lettered",
-                    at=now,
-                    agent=SENDER,
-                    reason=reason.value,
-                    detail=detail,
-                    to=[name],
-                )
-            )
+            # The way `busd import conductor` dead-letters a record: the one way out.
+            origin = Origin("file", None, original, SENDER)
+            refused = Refused(origin, InvalidMessage(reason, detail), data=rec.raw)
+            dead_letter(layout, refused, at=now, entries=entries)
         return entries
 
 
