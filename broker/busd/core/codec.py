@@ -43,11 +43,10 @@ from typing import Any, Final, NoReturn, cast
 
 import msgspec
 import yaml
-from yaml.composer import ComposerError
-from yaml.error import Mark
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from busd.core.conductor import looks_like_bus
+from busd.core.goyaml import refuse_expanding
 from busd.core.ids import new_message_id
 from busd.core.model import SCHEMA_VERSION, SCHEMA_VERSION_PATTERN, Message
 from busd.errors import InvalidMessage, Reason
@@ -115,19 +114,7 @@ class _FrontMatterLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         """Compose one node after refusing aliases, anchors and explicit tags."""
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
-        problem: str | None = None
-        if isinstance(event, yaml.AliasEvent):
-            problem = "aliases are not allowed"
-        elif isinstance(event, yaml.NodeEvent) and event.anchor is not None:
-            problem = "anchors are not allowed"
-        elif (
-            isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent)
-            and event.tag is not None
-        ):
-            problem = f"tags are not allowed (found {event.tag!r:.80})"
-        if problem is not None:
-            raise ComposerError(None, None, problem, cast("Mark | None", event.start_mark))
+        refuse_expanding(self)
         return super().compose_node(parent, index)
 
 

@@ -23,35 +23,46 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from busd.core.gotime import GoTime, parse_ts
 
-__all__ = ["STRING_FIELDS", "HeaderError", "read_header"]
+__all__ = ["STRING_FIELDS", "HeaderError", "read_header", "refuse_expanding"]
 
 STRING_FIELDS: Final = ("msg_id", "type", "project_id", "task_id", "run_id", "issue_id")
 """The header's string fields (``ts`` is a time; parents, links and meta are lists/maps)."""
+
+
+_NON_SPECIFIC: Final = frozenset({"!"})
 
 
 class HeaderError(ValueError):
     """A header conductor's yaml.Unmarshal refuses (or busd's stricter reader does)."""
 
 
+def refuse_expanding(loader: yaml.SafeLoader, allowed_tags: frozenset[str] = frozenset()) -> None:
+    """Raise :class:`ComposerError` if ``loader``'s next event is an alias, an anchor or an
+    explicit tag not in ``allowed_tags``: refused while composing, before anything expands
+    (an alias bomb never grows). For a loader's ``compose_node``."""
+    event: yaml.Event = loader.peek_event()  # type: ignore[no-untyped-call]
+    problem: str | None = None
+    if isinstance(event, yaml.AliasEvent):
+        problem = "aliases are not allowed"
+    elif isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+        problem = "anchors are not allowed"
+    elif (
+        isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent)
+        and event.tag is not None
+        and event.tag not in allowed_tags
+    ):
+        problem = f"tags are not allowed (found {event.tag!r:.80})"
+    if problem is not None:
+        raise ComposerError(None, None, problem, cast("Mark | None", event.start_mark))
+
+
 class _Loader(yaml.SafeLoader):
     """Composes nodes only; refuses anchors, aliases and tags before anything expands."""
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        """Compose one node after refusing aliases, anchors and explicit tags."""
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
-        problem: str | None = None
-        if isinstance(event, yaml.AliasEvent):
-            problem = "aliases are not allowed"
-        elif isinstance(event, yaml.NodeEvent) and event.anchor is not None:
-            problem = "anchors are not allowed"
-        elif (
-            isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent)
-            and event.tag is not None
-            and event.tag != "!"
-        ):
-            problem = f"tags are not allowed (found {event.tag!r:.80})"
-        if problem is not None:
-            raise ComposerError(None, None, problem, cast("Mark | None", event.start_mark))
+        """Compose one node after refusing aliases, anchors and explicit tags but yaml.v3's
+        non-specific ``!``."""
+        refuse_expanding(self, _NON_SPECIFIC)
         return super().compose_node(parent, index)
 
 
